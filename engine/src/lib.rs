@@ -1,0 +1,11 @@
+//! Ingot's data plane.
+//!
+//! Modules are declared in the order bytes travel through the hub: `auth` decides who a peer is,
+//! and the shared vocabulary (`id`, `limits`) sits beside it. The cores here are sans-IO: they take
+//! byte slices, plain values and the current time as parameters, so they can be unit-tested,
+//! fuzzed and benchmarked without sockets, files or a runtime. The control plane
+//! (`ingot-control-plane`) is the only crate that knows HTTP or JSON.
+
+pub mod auth;
+pub mod id;
+pub mod limits;

@@ -1,0 +1,32 @@
+//! Every protocol limit of the hub, in one place.
+//!
+//! These are the limits Azure IoT Hub documents as part of its protocol (azure-protocol.md section
+//! 8): the SDKs and existing back ends rely on them, so they are constants, not settings. Limits
+//! that are really capacity choices of one installation (ports, buffer sizes, retention) live in
+//! the control plane's `Config` and are validated once at start-up.
+
+/// Longest device or module id, in characters (all allowed characters are ASCII).
+pub const ID_LEN_MAX: usize = 128;
+/// Longest `statusReason` of a device, in characters.
+pub const STATUS_REASON_LEN_MAX: usize = 128;
+/// Symmetric keys are base64 of 16 to 64 bytes (Azure refuses keys outside that range).
+pub const SYMMETRIC_KEY_BYTES_MIN: usize = 16;
+/// See [`SYMMETRIC_KEY_BYTES_MIN`].
+pub const SYMMETRIC_KEY_BYTES_MAX: usize = 64;
+/// Bytes of a generated symmetric key (what the real hub generates: 44 base64 characters).
+pub const SYMMETRIC_KEY_BYTES_GENERATED: usize = 32;
+/// Devices in one bulk registry request (`POST /devices`).
+pub const BULK_DEVICES_MAX: usize = 100;
+/// Largest page of `GET /devices?top=N`; a `top` outside 1..=1000 means 1000, as in Azure.
+pub const LIST_TOP_MAX: usize = 1000;
+/// Modules per device (Azure: 50 per device on every tier).
+pub const MODULES_PER_DEVICE_MAX: usize = 50;
+/// Devices and modules in one registry (Azure's per-hub quota; kept as a sanity bound).
+pub const IDENTITIES_MAX: u64 = 10_000_000;
+/// Tolerated clock skew when checking a SAS token's expiry (the .NET SDK's `MaxClockSkew`).
+pub const SAS_CLOCK_SKEW_SECS: u64 = 300;
+/// Device-to-cloud message size, body plus properties.
+pub const D2C_MESSAGE_BYTES_MAX: usize = 256 * 1024;
+
+const _: () = assert!(SYMMETRIC_KEY_BYTES_MIN <= SYMMETRIC_KEY_BYTES_GENERATED);
+const _: () = assert!(SYMMETRIC_KEY_BYTES_GENERATED <= SYMMETRIC_KEY_BYTES_MAX);
