@@ -1,0 +1,622 @@
+//! The `ingot` command line: the hub itself (`serve`) and the commands that manage it through
+//! the REST API, as a back end with a service connection string would.
+//!
+//! Resource documents print as JSON; commands whose result is one string (connection strings,
+//! SAS tokens) print just that string, so `export X=$(ingot connection-string)` works.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use ingot_engine::auth::sas;
+
+use crate::client::{segment, ServiceClient, ServiceConnectionString};
+use crate::config::{Config, Overrides};
+use crate::local;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ingot",
+    version,
+    about = "Ingot: a self-hosted IoT hub, wire-compatible with Azure IoT Hub"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub (zero configuration: embedded defaults, a development CA on first start).
+    Serve(ServeArgs),
+    /// Print the service connection string of a local hub (read from its data directory).
+    ConnectionString {
+        #[arg(long, env = "INGOT_DATA_DIR", default_value = "./ingot-data")]
+        data_dir: PathBuf,
+        /// The shared access policy.
+        #[arg(long, default_value = "iothubowner")]
+        policy: String,
+    },
+    /// Manage devices in the identity registry.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Manage modules of a device.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Print a SAS token for a device, a module or a shared access policy.
+    SasToken(SasTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A TOML file with any of the settings (see docs/operations.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the registry, keys and certificates live [default: ./ingot-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The hub's host name, as devices and back ends reach it [default: localhost].
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// The HTTPS control plane's port [default: 8443].
+    #[arg(long)]
+    pub https_port: Option<u16>,
+    /// The address the listeners bind [default: 0.0.0.0].
+    #[arg(long)]
+    pub listen_address: Option<std::net::IpAddr>,
+}
+
+/// How a command reaches the hub's API.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// A service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...).
+    /// Default: the iothubowner policy of the hub in --data-dir.
+    #[arg(
+        long,
+        env = "INGOT_CONNECTION_STRING",
+        hide_env_values = true,
+        global = true
+    )]
+    pub connection_string: Option<String>,
+    /// A CA certificate (PEM) to trust besides the system's. Default: the development CA of the
+    /// hub in --data-dir, if it has one.
+    #[arg(long, env = "INGOT_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// The data directory of a local hub.
+    #[arg(
+        long,
+        env = "INGOT_DATA_DIR",
+        default_value = "./ingot-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    Enabled,
+    Disabled,
+}
+
+impl StatusArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            StatusArg::Enabled => "enabled",
+            StatusArg::Disabled => "disabled",
+        }
+    }
+}
+
+/// How a new identity authenticates; SAS with generated keys when no flag says otherwise.
+#[derive(Debug, Args)]
+pub struct AuthArgs {
+    /// Authenticate with an X.509 certificate of this SHA-1 or SHA-256 thumbprint (selfSigned).
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["x509_ca", "primary_key", "secondary_key"])]
+    pub x509_thumbprint: Option<String>,
+    /// A second thumbprint, for certificate rollover.
+    #[arg(long, value_name = "HEX", requires = "x509_thumbprint")]
+    pub x509_secondary_thumbprint: Option<String>,
+    /// Authenticate with a certificate signed by a registered CA (certificateAuthority).
+    #[arg(long, conflicts_with_all = ["primary_key", "secondary_key"])]
+    pub x509_ca: bool,
+    /// A SAS primary key (base64 of 16-64 bytes); generated when absent.
+    #[arg(long)]
+    pub primary_key: Option<String>,
+    /// A SAS secondary key; generated when absent.
+    #[arg(long)]
+    pub secondary_key: Option<String>,
+}
+
+impl AuthArgs {
+    fn json(&self) -> Value {
+        if let Some(primary) = &self.x509_thumbprint {
+            json!({"type": "selfSigned", "x509Thumbprint": {
+                "primaryThumbprint": primary, "secondaryThumbprint": self.x509_secondary_thumbprint }})
+        } else if self.x509_ca {
+            json!({"type": "certificateAuthority"})
+        } else {
+            json!({"type": "sas", "symmetricKey": {
+                "primaryKey": self.primary_key, "secondaryKey": self.secondary_key }})
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device.
+    Create {
+        id: String,
+        #[arg(long, value_enum, default_value = "enabled")]
+        status: StatusArg,
+        #[arg(long)]
+        status_reason: Option<String>,
+        /// Register an IoT Edge device.
+        #[arg(long)]
+        edge: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a device.
+    Show {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List devices (every page).
+    List {
+        /// Stop after this many devices.
+        #[arg(long)]
+        top: Option<usize>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Change a device's status or keys (disable a stolen device, rotate keys).
+    Update {
+        id: String,
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        #[arg(long)]
+        status_reason: Option<String>,
+        /// Replace both SAS keys with new random ones.
+        #[arg(long)]
+        regenerate_keys: bool,
+        /// Only update when the device still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete a device, its modules and its data.
+    Delete {
+        id: String,
+        /// Only delete when the device still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print the device's connection string (HostName=...;DeviceId=...;SharedAccessKey=...).
+    ConnectionString {
+        id: String,
+        /// Use the secondary key.
+        #[arg(long)]
+        secondary: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModuleCommand {
+    /// Add a module to a device.
+    Create {
+        device: String,
+        module: String,
+        #[command(flatten)]
+        auth: AuthArgs,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a module.
+    Show {
+        device: String,
+        module: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List a device's modules.
+    List {
+        device: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete a module.
+    Delete {
+        device: String,
+        module: String,
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print the module's connection string.
+    ConnectionString {
+        device: String,
+        module: String,
+        #[arg(long)]
+        secondary: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("identity").required(true).args(["device", "policy"]))]
+pub struct SasTokenArgs {
+    /// A device's token, signed with its primary key (fetched from the registry).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// With --device: a module's token.
+    #[arg(long, requires = "device")]
+    pub module: Option<String>,
+    /// A shared access policy's token (the key comes from the local hub or the connection
+    /// string).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::ConnectionString { data_dir, policy } => {
+            println!("{}", local::service_connection_string(&data_dir, &policy)?);
+            Ok(())
+        }
+        Command::Device(command) => device(command),
+        Command::Module(command) => module(command),
+        Command::SasToken(args) => sas_token(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        hostname: args.hostname,
+        listen_address: args.listen_address,
+        https_port: args.https_port,
+    };
+    let config = Config::load(args.config.as_deref(), std::env::vars(), &overrides)?;
+    crate::serve::init_logging(&config);
+    crate::serve::run(config)
+}
+
+impl Connection {
+    fn client(&self) -> anyhow::Result<ServiceClient> {
+        let connection_string = match &self.connection_string {
+            Some(cs) => cs.clone(),
+            None => local::service_connection_string(&self.data_dir, "iothubowner")?,
+        };
+        let parsed: ServiceConnectionString = connection_string
+            .parse()
+            .context("invalid --connection-string")?;
+        let ca = self.ca.clone().or_else(|| local::dev_ca(&self.data_dir));
+        ServiceClient::new(parsed, ca.as_deref())
+    }
+}
+
+fn print(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn device_path(id: &str) -> String {
+    format!("/devices/{}", segment(id))
+}
+
+fn module_path(device: &str, module: &str) -> String {
+    format!("/devices/{}/modules/{}", segment(device), segment(module))
+}
+
+fn if_match(etag: Option<&str>) -> String {
+    format!("\"{}\"", etag.unwrap_or("*"))
+}
+
+fn device(command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Create {
+            id,
+            status,
+            status_reason,
+            edge,
+            auth,
+            connection,
+        } => {
+            let body = json!({
+                "deviceId": id,
+                "status": status.as_str(),
+                "statusReason": status_reason,
+                "authentication": auth.json(),
+                "capabilities": {"iotEdge": edge},
+            });
+            let reply =
+                connection
+                    .client()?
+                    .request(Method::PUT, &device_path(&id), &[], Some(&body))?;
+            print(&reply.success()?)
+        }
+        DeviceCommand::Show { id, connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, &device_path(&id), &[], None)?
+                .success()?,
+        ),
+        DeviceCommand::List { top, connection } => {
+            let client = connection.client()?;
+            let mut all = Vec::new();
+            let mut continuation: Option<String> = None;
+            loop {
+                let headers: Vec<(&str, &str)> = continuation
+                    .as_deref()
+                    .map(|c| vec![("x-ms-continuation", c)])
+                    .unwrap_or_default();
+                let reply = client.request(Method::GET, "/devices?top=1000", &headers, None)?;
+                let next = reply.continuation.clone();
+                if let Value::Array(page) = reply.success()? {
+                    all.extend(page);
+                }
+                if top.is_some_and(|t| all.len() >= t) {
+                    all.truncate(top.unwrap_or(usize::MAX));
+                    break;
+                }
+                match next {
+                    Some(next) => continuation = Some(next),
+                    None => break,
+                }
+            }
+            print(&Value::Array(all))
+        }
+        DeviceCommand::Update {
+            id,
+            status,
+            status_reason,
+            regenerate_keys,
+            etag,
+            connection,
+        } => {
+            let client = connection.client()?;
+            let mut device = client
+                .request(Method::GET, &device_path(&id), &[], None)?
+                .success()?;
+            let current_etag = device["etag"].as_str().unwrap_or("*").to_owned();
+            if let Some(status) = status {
+                device["status"] = json!(status.as_str());
+            }
+            if let Some(reason) = status_reason {
+                device["statusReason"] = json!(reason);
+            }
+            if regenerate_keys {
+                if device["authentication"]["type"] != "sas" {
+                    bail!("device {id} does not use SAS keys");
+                }
+                device["authentication"]["symmetricKey"] = json!({});
+            }
+            // Without --etag, update what was just read, so a concurrent change is not lost.
+            let etag = if_match(Some(etag.as_deref().unwrap_or(&current_etag)));
+            let reply = client.request(
+                Method::PUT,
+                &device_path(&id),
+                &[("if-match", &etag)],
+                Some(&device),
+            )?;
+            print(&reply.success()?)
+        }
+        DeviceCommand::Delete {
+            id,
+            etag,
+            connection,
+        } => {
+            let etag = if_match(etag.as_deref());
+            let reply = connection.client()?.request(
+                Method::DELETE,
+                &device_path(&id),
+                &[("if-match", &etag)],
+                None,
+            )?;
+            reply.success()?;
+            Ok(())
+        }
+        DeviceCommand::ConnectionString {
+            id,
+            secondary,
+            connection,
+        } => {
+            let client = connection.client()?;
+            let device = client
+                .request(Method::GET, &device_path(&id), &[], None)?
+                .success()?;
+            println!(
+                "{}",
+                identity_connection_string(&client, &device, None, secondary)?
+            );
+            Ok(())
+        }
+    }
+}
+
+fn module(command: ModuleCommand) -> anyhow::Result<()> {
+    match command {
+        ModuleCommand::Create {
+            device,
+            module,
+            auth,
+            connection,
+        } => {
+            let body =
+                json!({"deviceId": device, "moduleId": module, "authentication": auth.json()});
+            let path = module_path(&device, &module);
+            print(
+                &connection
+                    .client()?
+                    .request(Method::PUT, &path, &[], Some(&body))?
+                    .success()?,
+            )
+        }
+        ModuleCommand::Show {
+            device,
+            module,
+            connection,
+        } => {
+            let path = module_path(&device, &module);
+            print(
+                &connection
+                    .client()?
+                    .request(Method::GET, &path, &[], None)?
+                    .success()?,
+            )
+        }
+        ModuleCommand::List { device, connection } => {
+            let path = format!("{}/modules", device_path(&device));
+            print(
+                &connection
+                    .client()?
+                    .request(Method::GET, &path, &[], None)?
+                    .success()?,
+            )
+        }
+        ModuleCommand::Delete {
+            device,
+            module,
+            etag,
+            connection,
+        } => {
+            let etag = if_match(etag.as_deref());
+            let path = module_path(&device, &module);
+            connection
+                .client()?
+                .request(Method::DELETE, &path, &[("if-match", &etag)], None)?
+                .success()?;
+            Ok(())
+        }
+        ModuleCommand::ConnectionString {
+            device,
+            module,
+            secondary,
+            connection,
+        } => {
+            let client = connection.client()?;
+            let doc = client
+                .request(Method::GET, &module_path(&device, &module), &[], None)?
+                .success()?;
+            println!(
+                "{}",
+                identity_connection_string(&client, &doc, Some(&module), secondary)?
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The device SDK's connection string. Its HostName has no port: the device SDK always dials
+/// 8883 (MQTT) or 443 on that name.
+fn identity_connection_string(
+    client: &ServiceClient,
+    doc: &Value,
+    module: Option<&str>,
+    secondary: bool,
+) -> anyhow::Result<String> {
+    let host = client.connection.hostname();
+    let device_id = doc["deviceId"].as_str().unwrap_or_default();
+    let module_part = module.map(|m| format!(";ModuleId={m}")).unwrap_or_default();
+    let auth = &doc["authentication"];
+    match auth["type"].as_str() {
+        Some("sas") => {
+            let which = if secondary {
+                "secondaryKey"
+            } else {
+                "primaryKey"
+            };
+            let key = auth["symmetricKey"][which].as_str().unwrap_or_default();
+            Ok(format!(
+                "HostName={host};DeviceId={device_id}{module_part};SharedAccessKey={key}"
+            ))
+        }
+        Some("selfSigned" | "certificateAuthority") => Ok(format!(
+            "HostName={host};DeviceId={device_id}{module_part};x509=true"
+        )),
+        other => bail!("the identity's authentication type {other:?} has no connection string"),
+    }
+}
+
+fn sas_token(args: SasTokenArgs) -> anyhow::Result<()> {
+    let expiry = crate::api::now_secs() + args.ttl;
+    if let Some(policy) = &args.policy {
+        let connection = &args.connection;
+        // The local hub's policy file first, then the connection string's own policy.
+        let (host, key) = match local::HubInfo::read(&connection.data_dir)
+            .ok()
+            .zip(crate::policy::Policies::load(&connection.data_dir).ok())
+        {
+            Some((info, policies)) if connection.connection_string.is_none() => {
+                let found = policies
+                    .find(policy)
+                    .with_context(|| format!("the local hub has no policy named {policy:?}"))?;
+                (info.service_host(), found.primary_key.clone())
+            }
+            _ => {
+                let cs: ServiceConnectionString = match &connection.connection_string {
+                    Some(cs) => cs.parse()?,
+                    None => bail!(
+                        "no local hub in {} and no --connection-string",
+                        connection.data_dir.display()
+                    ),
+                };
+                if cs.policy != *policy {
+                    bail!(
+                        "the connection string is for policy {:?}, not {policy:?}",
+                        cs.policy
+                    );
+                }
+                (cs.host, cs.key)
+            }
+        };
+        let key = BASE64.decode(key).context("the policy key is not base64")?;
+        println!("{}", sas::generate(&host, &key, expiry, Some(policy)));
+        return Ok(());
+    }
+    let device = args.device.as_deref().unwrap_or_default();
+    let client = args.connection.client()?;
+    let (path, resource) = match &args.module {
+        Some(module) => (
+            module_path(device, module),
+            format!(
+                "{}/devices/{device}/modules/{module}",
+                client.connection.hostname()
+            ),
+        ),
+        None => (
+            device_path(device),
+            format!("{}/devices/{device}", client.connection.hostname()),
+        ),
+    };
+    let doc = client.request(Method::GET, &path, &[], None)?.success()?;
+    let key = doc["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .context("the identity has no SAS key")?;
+    let key = BASE64
+        .decode(key)
+        .context("the identity's key is not base64")?;
+    println!("{}", sas::generate(&resource, &key, expiry, None));
+    Ok(())
+}

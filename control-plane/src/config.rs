@@ -1,0 +1,350 @@
+//! The hub's settings: embedded defaults, an optional TOML file, `INGOT_*` environment variables
+//! and command-line flags, merged in that order (later wins) and validated once at start-up.
+//!
+//! Every setting has a default, so `ingot serve` runs with no configuration at all. A bad
+//! setting is a clear error naming the key, never a panic.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Top-level keys, which are also the `INGOT_<KEY>` environment overrides. Nested keys are
+/// reached with a double underscore: `INGOT_TLS__CERT_FILE`.
+const KEYS: &[&str] = &[
+    "data_dir",
+    "hostname",
+    "listen_address",
+    "https_port",
+    "tls",
+    "http",
+    "log",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the registry, keys, certificates (and later the segment store) live.
+    pub data_dir: PathBuf,
+    /// The hub's host name: the `HostName` of connection strings, the audience of SAS tokens,
+    /// and a name in the development server certificate.
+    pub hostname: String,
+    /// The address every listener binds.
+    pub listen_address: IpAddr,
+    /// The HTTPS control plane (the Azure service REST API).
+    pub https_port: u16,
+    pub tls: TlsConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The operator's server certificate chain (PEM). With `key_file`; when both are absent
+    /// the hub creates a development CA and server certificate under `data_dir/tls/`.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Concurrent HTTPS connections; more wait in the kernel's accept queue.
+    pub connections_max: usize,
+    /// Largest request body; a larger one is refused with 413 before it is read.
+    pub body_bytes_max: usize,
+    /// Time a client has to finish the TLS handshake and send its request headers.
+    pub handshake_timeout_ms: u64,
+    /// Time an idle keep-alive connection is kept.
+    pub idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `ingot=debug,hyper=warn`); `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./ingot-data"),
+            hostname: "localhost".to_owned(),
+            listen_address: IpAddr::from([0, 0, 0, 0]),
+            https_port: 8443,
+            tls: TlsConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            connections_max: 1024,
+            body_bytes_max: 4 * 1024 * 1024,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Settings given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_address: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_port: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Merges defaults, `file`, the environment (`vars`, usually `std::env::vars()`) and the
+    /// command-line overrides, then validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Missing(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // figment reads the process environment itself; give it only the `INGOT_` settings
+        // so that other `INGOT_*` variables (the CLI's connection string) are not config keys.
+        let env: Vec<(String, String)> = vars
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let key = k.strip_prefix("INGOT_")?.to_ascii_lowercase();
+                let top = key.split("__").next().unwrap_or_default().to_owned();
+                KEYS.contains(&top.as_str())
+                    .then(|| (key.replace("__", "."), v))
+            })
+            .collect();
+        for (key, value) in env {
+            figment = figment.merge(Serialized::default(&key, env_value(&value)));
+        }
+        let config: Config = figment
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        if !is_host_name(&self.hostname) {
+            return Err(invalid("hostname", "must be a DNS name or an IP address"));
+        }
+        if self.https_port == 0 {
+            return Err(invalid("https_port", "must be a port from 1 to 65535"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("tls.cert_file", cert), ("tls.key_file", key)] {
+                    if !path.is_file() {
+                        let reason = format!("{} is not a readable file", path.display());
+                        return Err(ConfigError::Invalid { key: name, reason });
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => return Err(invalid("tls", "cert_file and key_file go together")),
+        }
+        if self.http.connections_max == 0 {
+            return Err(invalid("http.connections_max", "must be at least 1"));
+        }
+        if self.http.body_bytes_max < 64 * 1024 {
+            return Err(invalid("http.body_bytes_max", "must be at least 65536"));
+        }
+        if self.http.handshake_timeout_ms == 0 || self.http.idle_timeout_ms == 0 {
+            return Err(invalid("http", "timeouts must be at least 1 ms"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                "is not a tracing filter such as `info`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `HostName` of service connection strings: the host, with the HTTPS port when it is
+    /// not 443 (the Azure service SDK builds `https://{HostName}`).
+    pub fn service_host(&self) -> String {
+        service_host(&self.hostname, self.https_port)
+    }
+
+    /// The effective configuration as TOML, for the start-up log.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+}
+
+pub fn service_host(hostname: &str, https_port: u16) -> String {
+    if https_port == 443 {
+        hostname.to_owned()
+    } else {
+        format!("{hostname}:{https_port}")
+    }
+}
+
+/// Environment values are strings; numbers and booleans are typed so that `INGOT_HTTPS_PORT=9443`
+/// fills a `u16`.
+fn env_value(value: &str) -> figment::value::Value {
+    use figment::value::Value;
+    if let Ok(n) = value.parse::<i64>() {
+        return Value::from(n);
+    }
+    match value {
+        "true" => Value::from(true),
+        "false" => Value::from(false),
+        _ => Value::from(value.to_owned()),
+    }
+}
+
+fn is_host_name(name: &str) -> bool {
+    if name.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load(None, vars(&[]), &Overrides::default()).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.service_host(), "localhost:8443");
+    }
+
+    #[test]
+    fn layers_merge_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ingot.toml");
+        std::fs::write(
+            &file,
+            "hostname = \"hub.example\"\nhttps_port = 9000\n[http]\nconnections_max = 7\n",
+        )
+        .unwrap();
+        let env = vars(&[
+            ("INGOT_HTTPS_PORT", "9001"),
+            ("INGOT_HTTP__BODY_BYTES_MAX", "100000"),
+            ("INGOT_CONNECTION_STRING", "not a config key"),
+            ("PATH", "/bin"),
+        ]);
+        let overrides = Overrides {
+            data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        };
+        let config = Config::load(Some(&file), env, &overrides).unwrap();
+        assert_eq!(config.hostname, "hub.example");
+        assert_eq!(config.https_port, 9001);
+        assert_eq!(config.http.connections_max, 7);
+        assert_eq!(config.http.body_bytes_max, 100_000);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn bad_settings_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ingot.toml");
+        let cases = [
+            ("htps_port = 1", "htps_port"),
+            ("https_port = \"x\"", "https_port"),
+            ("https_port = 70000", "https_port"),
+            ("https_port = 0", "https_port"),
+            ("hostname = \"a b\"", "hostname"),
+            ("[tls]\ncert_file = \"/nonexistent\"", "tls"),
+            ("[log]\nformat = \"xml\"", "format"),
+            ("not toml at all [", "TOML"),
+        ];
+        for (text, expected) in cases {
+            std::fs::write(&file, text).unwrap();
+            let err = Config::load(Some(&file), vars(&[]), &Overrides::default()).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains(expected), "{text:?} gave {message:?}");
+        }
+        let missing = dir.path().join("absent.toml");
+        let err = Config::load(Some(&missing), vars(&[]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn host_names() {
+        assert!(is_host_name("localhost"));
+        assert!(is_host_name("hub-1.example.com"));
+        assert!(is_host_name("127.0.0.1"));
+        assert!(!is_host_name(""));
+        assert!(!is_host_name("-a.com"));
+        assert!(!is_host_name("a..b"));
+        assert!(!is_host_name("a_b"));
+    }
+}

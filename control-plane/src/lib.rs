@@ -1,0 +1,19 @@
+//! Ingot's control plane: the HTTPS API that the Azure service SDKs speak, the identity registry
+//! behind it, and the `ingot` command line.
+//!
+//! Modules in the order a request travels: `config` and `tls` set the server up, `api` accepts
+//! requests and authorizes them against `policy`, `registry` stores identities. `client` and
+//! `cli` are the other side of the same API.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod fsutil;
+pub mod local;
+pub mod policy;
+pub mod registry;
+pub mod serve;
+pub mod tls;

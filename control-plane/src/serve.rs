@@ -1,0 +1,107 @@
+//! `ingot serve`: start-up, the listeners, and a clean shutdown on SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::api::{self, AppState};
+use crate::config::{Config, LogFormat};
+use crate::local::{self, HubInfo};
+use crate::policy::Policies;
+use crate::registry::Registry;
+use crate::{fsutil, tls};
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ingot-control")
+        .build()
+        .context("start the control-plane runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!("effective configuration:\n{}", config.to_toml());
+    let data_dir = &config.data_dir;
+    fsutil::create_private_dir(data_dir)
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    let registry_path = data_dir.join("registry.redb");
+    let registry = Registry::open(&registry_path).with_context(|| {
+        format!(
+            "open the registry {} (is another hub using this data directory?)",
+            registry_path.display()
+        )
+    })?;
+    let policies = Policies::load_or_create(data_dir)?;
+    let tls_files = tls::prepare(&config).context("prepare TLS certificates")?;
+    let https_tls =
+        tls::server_config(&tls_files, &[b"http/1.1"]).context("load the HTTPS certificate")?;
+
+    let addr = SocketAddr::new(config.listen_address, config.https_port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the HTTPS listener on {addr}"))?;
+
+    HubInfo {
+        hostname: config.hostname.clone(),
+        https_port: config.https_port,
+    }
+    .write(data_dir)
+    .context("write hub.json")?;
+    let connection_string = local::service_connection_string(data_dir, "iothubowner")?;
+    // The one thing an operator needs to start: printed on stdout, logs go to stderr.
+    println!("Ingot is serving the HTTPS API on https://{addr}");
+    println!("Service connection string (iothubowner): {connection_string}");
+    if let Some(ca) = &tls_files.dev_ca {
+        println!(
+            "Development CA (give it to devices and back ends): {}",
+            ca.display()
+        );
+    }
+
+    let state = Arc::new(AppState {
+        registry: Arc::new(registry),
+        policies,
+        hostname: config.hostname.clone(),
+        http: config.http.clone(),
+    });
+    api::serve(listener, https_tls, state, shutdown_signal(), DRAIN).await;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
+            tracing::error!("failed to install signal handlers; stop the hub with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{name} received, shutting down");
+}
