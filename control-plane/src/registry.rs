@@ -148,8 +148,9 @@ pub enum RegistryError {
     TooManyModules,
     #[error("the registry holds the maximum number of identities")]
     TooManyIdentities,
+    /// Boxed: redb's error is large, and this one is rare.
     #[error("registry storage failed: {0}")]
-    Storage(#[from] redb::Error),
+    Storage(Box<redb::Error>),
     #[error("a registry record is damaged: {0}")]
     Corrupt(String),
 }
@@ -158,7 +159,7 @@ macro_rules! storage_from {
     ($($t:ty),*) => {$(
         impl From<$t> for RegistryError {
             fn from(e: $t) -> Self {
-                RegistryError::Storage(e.into())
+                RegistryError::Storage(Box::new(e.into()))
             }
         }
     )*};

@@ -252,12 +252,18 @@ fn authorize(
     segments: &[String],
     permission: Permission,
 ) -> Result<(), ApiError> {
-    let header = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::unauthorized("The request has no SharedAccessSignature authorization.")
-        })?;
+    // Two Authorization headers are ambiguous; which one a proxy or the hub reads must not
+    // decide whether a request is authorized.
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let (first, second) = (values.next(), values.next());
+    if second.is_some() {
+        return Err(ApiError::unauthorized(
+            "The request has more than one Authorization header.",
+        ));
+    }
+    let header = first.and_then(|v| v.to_str().ok()).ok_or_else(|| {
+        ApiError::unauthorized("The request has no SharedAccessSignature authorization.")
+    })?;
     let token = SasToken::parse(header)
         .map_err(|e| ApiError::unauthorized(format!("Invalid SharedAccessSignature: {e}.")))?;
     let policy_name = token.skn.as_deref().ok_or_else(|| {

@@ -196,7 +196,7 @@ async fn bulk(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiErro
     }
 
     // Entries that fail validation get their error now; the rest go to the registry.
-    let mut outcomes: Vec<(String, String, Option<Result<(), ApiError>>)> = Vec::new();
+    let mut outcomes: Vec<(String, String, Option<ApiError>)> = Vec::new();
     let mut ops = Vec::new();
     for item in items {
         let id = item.id.clone().unwrap_or_default();
@@ -209,14 +209,14 @@ async fn bulk(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiErro
                 ops.push(op);
                 outcomes.push((id, mode, None));
             }
-            Err(e) => outcomes.push((id, mode, Some(Err(e)))),
+            Err(e) => outcomes.push((id, mode, Some(e))),
         }
     }
     let mut results = blocking(state, move |r| r.bulk(ops)).await?.into_iter();
     let mut errors = Vec::new();
     for (id, mode, outcome) in outcomes {
         let outcome = match outcome {
-            Some(outcome) => outcome,
+            Some(invalid) => Err(invalid),
             None => match results.next() {
                 Some(result) => result.map_err(ApiError::from),
                 None => Err(ApiError::server("The registry returned too few results.")),
