@@ -48,8 +48,54 @@ pub enum Command {
     /// Manage modules of a device.
     #[command(subcommand)]
     Module(ModuleCommand),
+    /// Manage the CA certificates that certificateAuthority devices chain to.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print a SAS token for a device, a module or a shared access policy.
     SasToken(SasTokenArgs),
+    /// Print the events of the built-in endpoint, one JSON object per line (reads the segment
+    /// files of a data directory; works while the hub runs).
+    MonitorEvents(crate::monitor::MonitorEventsArgs),
+    /// Inspect the event log's segment files.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Register (or replace) a CA certificate; devices created with --x509-ca whose certificate
+    /// chains to it, with CN = device id, can connect.
+    Add {
+        name: String,
+        /// The CA certificate (PEM).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List the registered CA certificates.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show one CA certificate.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove a CA certificate; the devices it admitted are disconnected.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Check every record's checksum and report damage (exit status 1 if any).
+    Verify(crate::monitor::LogVerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +115,18 @@ pub struct ServeArgs {
     /// The address the listeners bind [default: 0.0.0.0].
     #[arg(long)]
     pub listen_address: Option<std::net::IpAddr>,
+    /// MQTT over TLS port; 0 turns it off [default: 8883].
+    #[arg(long)]
+    pub mqtt_tls_port: Option<u16>,
+    /// Plain MQTT port; 0 turns it off [default: 1883].
+    #[arg(long)]
+    pub mqtt_port: Option<u16>,
+    /// Data-plane shards (pinned executors); 0 means one per core [default: 0].
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Durability of acknowledged messages: always, interval:MS or never [default: always].
+    #[arg(long)]
+    pub fsync: Option<String>,
 }
 
 /// How a command reaches the hub's API.
@@ -287,6 +345,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Device(command) => device(command),
         Command::Module(command) => module(command),
         Command::SasToken(args) => sas_token(args),
+        Command::Ca(command) => ca(command),
+        Command::MonitorEvents(args) => crate::monitor::monitor_events(&args),
+        Command::Log(LogCommand::Verify(args)) => crate::monitor::log_verify(&args),
     }
 }
 
@@ -296,6 +357,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         hostname: args.hostname,
         listen_address: args.listen_address,
         https_port: args.https_port,
+        mqtt_tls_port: args.mqtt_tls_port,
+        mqtt_port: args.mqtt_port,
+        shards: args.shards,
+        fsync: args.fsync,
     };
     let config = Config::load(args.config.as_deref(), std::env::vars(), &overrides)?;
     crate::serve::init_logging(&config);
@@ -523,6 +588,46 @@ fn module(command: ModuleCommand) -> anyhow::Result<()> {
                 "{}",
                 identity_connection_string(&client, &doc, Some(&module), secondary)?
             );
+            Ok(())
+        }
+    }
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<()> {
+    let path = |name: &str| format!("/certificates/{}", segment(name));
+    match command {
+        CaCommand::Add {
+            name,
+            cert,
+            connection,
+        } => {
+            let pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("read {}", cert.display()))?;
+            let body = json!({"properties": {"certificate": pem}});
+            print(
+                &connection
+                    .client()?
+                    .request(Method::PUT, &path(&name), &[], Some(&body))?
+                    .success()?,
+            )
+        }
+        CaCommand::List { connection } => {
+            let reply = connection
+                .client()?
+                .request(Method::GET, "/certificates", &[], None)?;
+            print(&reply.success()?["value"])
+        }
+        CaCommand::Show { name, connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, &path(&name), &[], None)?
+                .success()?,
+        ),
+        CaCommand::Remove { name, connection } => {
+            connection
+                .client()?
+                .request(Method::DELETE, &path(&name), &[], None)?
+                .success()?;
             Ok(())
         }
     }

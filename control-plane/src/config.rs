@@ -11,18 +11,6 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-/// Top-level keys, which are also the `INGOT_<KEY>` environment overrides. Nested keys are
-/// reached with a double underscore: `INGOT_TLS__CERT_FILE`.
-const KEYS: &[&str] = &[
-    "data_dir",
-    "hostname",
-    "listen_address",
-    "https_port",
-    "tls",
-    "http",
-    "log",
-];
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -35,9 +23,70 @@ pub struct Config {
     pub listen_address: IpAddr,
     /// The HTTPS control plane (the Azure service REST API).
     pub https_port: u16,
+    /// MQTT over TLS, where the device SDKs connect; 0 turns it off.
+    pub mqtt_tls_port: u16,
+    /// Plain MQTT, for benchmarks and trusted networks (SAS still required); 0 turns it off.
+    pub mqtt_port: u16,
+    /// Data-plane shards, one pinned executor per core; 0 means one per core.
+    pub shards: usize,
     pub tls: TlsConfig,
     pub http: HttpConfig,
+    pub mqtt: MqttConfig,
+    pub store: StoreSettings,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Time from accept to a complete CONNECT, TLS handshake included.
+    pub connect_timeout_ms: u64,
+    /// Open connections per shard; more are refused with CONNACK 3.
+    pub connections_per_shard_max: usize,
+    /// New connections per second over the whole hub; more are refused with CONNACK 3.
+    pub connect_rate_per_sec: u32,
+    /// QoS 1 messages decoded from one connection before they are appended and acknowledged.
+    pub inflight_count_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Partitions of the event log, fixed for the life of a data directory; 0 means one per
+    /// shard.
+    pub partitions: u32,
+    /// `always` (PUBACK after the flush covering the message), `interval:MS` or `never`.
+    pub fsync: String,
+    /// Size of each preallocated segment file.
+    pub segment_bytes_max: u64,
+    /// Sealed segments older than this are deleted (Azure's built-in endpoint: 7 days).
+    pub retention_hours: u64,
+    /// Oldest sealed segments are deleted while a partition holds more than this.
+    pub retention_bytes_max: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        let limits = ingot_engine::shard::ConnectionLimits::default();
+        Self {
+            connect_timeout_ms: limits.connect_timeout.as_millis() as u64,
+            connections_per_shard_max: limits.connections_per_shard_max,
+            connect_rate_per_sec: limits.connect_rate_per_sec,
+            inflight_count_max: limits.inflight_count_max,
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 0,
+            fsync: "always".to_owned(),
+            segment_bytes_max: 256 * 1024 * 1024,
+            retention_hours: 7 * 24,
+            retention_bytes_max: ingot_engine::store::RETENTION_BYTES_MAX_DEFAULT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -85,8 +134,13 @@ impl Default for Config {
             hostname: "localhost".to_owned(),
             listen_address: IpAddr::from([0, 0, 0, 0]),
             https_port: 8443,
+            mqtt_tls_port: 8883,
+            mqtt_port: 1883,
+            shards: 0,
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
+            mqtt: MqttConfig::default(),
+            store: StoreSettings::default(),
             log: LogConfig::default(),
         }
     }
@@ -123,6 +177,15 @@ pub struct Overrides {
     pub listen_address: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub https_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_tls_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
+    /// Nested (`store.fsync`), so merged on its own in [`Config::load`].
+    #[serde(skip)]
+    pub fsync: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,19 +213,27 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        // figment reads the process environment itself; give it only the `INGOT_` settings
-        // so that other `INGOT_*` variables (the CLI's connection string) are not config keys.
+        // `INGOT_<KEY>` overrides a top-level key, `INGOT_<TABLE>__<KEY>` a nested one. Only
+        // variables naming a real top-level key count, so that other `INGOT_*` variables (the
+        // CLI's connection string) are not mistaken for settings. The keys come from the
+        // defaults themselves, so a new setting is overridable without a list to maintain.
+        let keys: Vec<String> = match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(table)) => table.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         let env: Vec<(String, String)> = vars
             .into_iter()
             .filter_map(|(k, v)| {
                 let key = k.strip_prefix("INGOT_")?.to_ascii_lowercase();
                 let top = key.split("__").next().unwrap_or_default().to_owned();
-                KEYS.contains(&top.as_str())
-                    .then(|| (key.replace("__", "."), v))
+                keys.contains(&top).then(|| (key.replace("__", "."), v))
             })
             .collect();
         for (key, value) in env {
             figment = figment.merge(Serialized::default(&key, env_value(&value)));
+        }
+        if let Some(fsync) = &overrides.fsync {
+            figment = figment.merge(Serialized::default("store.fsync", fsync));
         }
         let config: Config = figment
             .merge(Serialized::defaults(overrides))
@@ -207,6 +278,26 @@ impl Config {
         if self.http.handshake_timeout_ms == 0 || self.http.idle_timeout_ms == 0 {
             return Err(invalid("http", "timeouts must be at least 1 ms"));
         }
+        if self.mqtt.connect_timeout_ms == 0 {
+            return Err(invalid("mqtt.connect_timeout_ms", "must be at least 1 ms"));
+        }
+        if self.mqtt.connections_per_shard_max == 0 || self.mqtt.connect_rate_per_sec == 0 {
+            return Err(invalid("mqtt", "connection limits must be at least 1"));
+        }
+        if self.mqtt.inflight_count_max == 0 || self.mqtt.inflight_count_max > 65_535 {
+            return Err(invalid(
+                "mqtt.inflight_count_max",
+                "must be from 1 to 65535",
+            ));
+        }
+        if self.shards > 1024 {
+            return Err(invalid("shards", "must be at most 1024"));
+        }
+        self.store_config(self.shard_count())
+            .map_err(|e| ConfigError::Invalid {
+                key: "store",
+                reason: e.to_string(),
+            })?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -214,6 +305,50 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Shards to run: the setting, or one per core.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+
+    /// The segment store's settings for `shards` shards, validated.
+    pub fn store_config(
+        &self,
+        shards: usize,
+    ) -> Result<ingot_engine::store::StoreConfig, ingot_engine::store::StoreError> {
+        let partitions = match self.store.partitions {
+            0 => u32::try_from(shards).unwrap_or(u32::MAX),
+            n => n,
+        };
+        let config = ingot_engine::store::StoreConfig {
+            partitions,
+            segment_bytes_max: self.store.segment_bytes_max,
+            index_interval_bytes: ingot_engine::store::INDEX_INTERVAL_BYTES_DEFAULT,
+            fsync: self.store.fsync.parse()?,
+            retention_age: std::time::Duration::from_secs(
+                self.store.retention_hours.saturating_mul(3600),
+            ),
+            retention_bytes_max: self.store.retention_bytes_max,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The data plane's connection limits.
+    pub fn connection_limits(&self) -> ingot_engine::shard::ConnectionLimits {
+        ingot_engine::shard::ConnectionLimits {
+            connect_timeout: std::time::Duration::from_millis(self.mqtt.connect_timeout_ms),
+            connections_per_shard_max: self.mqtt.connections_per_shard_max,
+            connect_rate_per_sec: self.mqtt.connect_rate_per_sec,
+            inflight_count_max: self.mqtt.inflight_count_max,
+            ..Default::default()
+        }
     }
 
     /// The `HostName` of service connection strings: the host, with the HTTPS port when it is
@@ -297,6 +432,8 @@ mod tests {
         let env = vars(&[
             ("INGOT_HTTPS_PORT", "9001"),
             ("INGOT_HTTP__BODY_BYTES_MAX", "100000"),
+            ("INGOT_STORE__FSYNC", "interval:50"),
+            ("INGOT_MQTT__INFLIGHT_COUNT_MAX", "9"),
             ("INGOT_CONNECTION_STRING", "not a config key"),
             ("PATH", "/bin"),
         ]);
@@ -309,6 +446,8 @@ mod tests {
         assert_eq!(config.https_port, 9001);
         assert_eq!(config.http.connections_max, 7);
         assert_eq!(config.http.body_bytes_max, 100_000);
+        assert_eq!(config.store.fsync, "interval:50");
+        assert_eq!(config.mqtt.inflight_count_max, 9);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
     }
 

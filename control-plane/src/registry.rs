@@ -23,6 +23,7 @@ use ingot_engine::limits::{IDENTITIES_MAX, MODULES_PER_DEVICE_MAX};
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const MODULES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("modules");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 
 const META_ETAG: &str = "etag_counter";
 const META_GENERATION: &str = "generation_ticks";
@@ -115,6 +116,17 @@ impl IfMatch {
     }
 }
 
+/// A CA certificate registered for `certificateAuthority` devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaCertificate {
+    pub name: String,
+    pub etag: String,
+    pub pem: String,
+    /// RFC 3339.
+    pub created: String,
+    pub updated: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Statistics {
     pub total_devices: u64,
@@ -144,6 +156,8 @@ pub enum RegistryError {
     ModuleAlreadyExists,
     #[error("the etag does not match")]
     PreconditionFailed,
+    #[error("the certificate does not exist")]
+    CertificateNotFound,
     #[error("the device has the maximum number of modules")]
     TooManyModules,
     #[error("the registry holds the maximum number of identities")]
@@ -192,6 +206,7 @@ impl Registry {
         txn.open_table(DEVICES)?;
         txn.open_table(MODULES)?;
         txn.open_table(META)?;
+        txn.open_table(CERTIFICATES)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -412,6 +427,77 @@ impl Registry {
             bump(&mut t.2, META_MODULES_TOTAL, -1)?;
             Ok(())
         })
+    }
+}
+
+impl Registry {
+    /// Creates or replaces a CA certificate (with `If-Match` when given).
+    pub fn put_certificate(
+        &self,
+        name: &str,
+        pem: &str,
+        if_match: Option<&IfMatch>,
+    ) -> Result<(CaCertificate, bool), RegistryError> {
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut table = txn.open_table(CERTIFICATES)?;
+            let mut meta = txn.open_table(META)?;
+            let old: Option<CaCertificate> =
+                table.get(name)?.map(|g| decode(g.value())).transpose()?;
+            match (&old, if_match) {
+                (Some(old), Some(m)) => m.check(&old.etag)?,
+                (None, Some(IfMatch::Etag(_))) => return Err(RegistryError::CertificateNotFound),
+                _ => {}
+            }
+            let now = now_rfc3339();
+            let certificate = CaCertificate {
+                name: name.to_owned(),
+                etag: next_etag(&mut meta)?,
+                pem: pem.to_owned(),
+                created: old
+                    .as_ref()
+                    .map(|o| o.created.clone())
+                    .unwrap_or_else(|| now.clone()),
+                updated: now,
+            };
+            table.insert(name, encode(&certificate).as_slice())?;
+            (certificate, old.is_none())
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    pub fn certificate(&self, name: &str) -> Result<Option<CaCertificate>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CERTIFICATES)?;
+        let guard = table.get(name)?;
+        guard.map(|g| decode(g.value())).transpose()
+    }
+
+    pub fn certificates(&self) -> Result<Vec<CaCertificate>, RegistryError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CERTIFICATES)?;
+        let mut all = Vec::new();
+        for entry in table.range::<&str>(..)? {
+            let (_, value) = entry?;
+            all.push(decode(value.value())?);
+        }
+        Ok(all)
+    }
+
+    pub fn delete_certificate(&self, name: &str, if_match: &IfMatch) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(CERTIFICATES)?;
+            let old: CaCertificate = match table.get(name)? {
+                Some(g) => decode(g.value())?,
+                None => return Err(RegistryError::CertificateNotFound),
+            };
+            if_match.check(&old.etag)?;
+            table.remove(name)?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 

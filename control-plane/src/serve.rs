@@ -54,20 +54,43 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let https_tls =
         tls::server_config(&tls_files, &[b"http/1.1"]).context("load the HTTPS certificate")?;
 
-    let addr = SocketAddr::new(config.listen_address, config.https_port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind the HTTPS listener on {addr}"))?;
-
+    // Before any listener opens: a client that finds a port open may read hub.json at once.
     HubInfo {
         hostname: config.hostname.clone(),
         https_port: config.https_port,
     }
     .write(data_dir)
     .context("write hub.json")?;
+
+    let addr = SocketAddr::new(config.listen_address, config.https_port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the HTTPS listener on {addr}"))?;
+
+    let registry = Arc::new(registry);
+    let engine = Arc::new(start_engine(
+        &config,
+        &tls_files,
+        registry.clone(),
+        policies.clone(),
+    )?);
+
     let connection_string = local::service_connection_string(data_dir, "iothubowner")?;
     // The one thing an operator needs to start: printed on stdout, logs go to stderr.
     println!("Ingot is serving the HTTPS API on https://{addr}");
+    let port = |p: u16| {
+        if p == 0 {
+            "off".to_owned()
+        } else {
+            p.to_string()
+        }
+    };
+    println!(
+        "MQTT devices: TLS port {}, plain port {} ({} shards)",
+        port(config.mqtt_tls_port),
+        port(config.mqtt_port),
+        config.shard_count()
+    );
     println!("Service connection string (iothubowner): {connection_string}");
     if let Some(ca) = &tls_files.dev_ca {
         println!(
@@ -77,14 +100,49 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let state = Arc::new(AppState {
-        registry: Arc::new(registry),
+        registry,
         policies,
         hostname: config.hostname.clone(),
         http: config.http.clone(),
+        engine: Some(engine.clone()),
     });
     api::serve(listener, https_tls, state, shutdown_signal(), DRAIN).await;
+    // The data plane closes its connections and flushes every partition before exit.
+    tokio::task::spawn_blocking(move || engine.shutdown())
+        .await
+        .context("stop the data plane")?;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Opens the segment store and starts the shards with the MQTT listeners.
+fn start_engine(
+    config: &Config,
+    tls_files: &tls::TlsFiles,
+    registry: Arc<Registry>,
+    policies: Policies,
+) -> anyhow::Result<ingot_engine::shard::Engine> {
+    let shards = config.shard_count();
+    let store_config = config.store_config(shards)?;
+    let store = ingot_engine::store::Store::open(&config.data_dir, store_config)
+        .context("open the segment store")?;
+    let certs = tls::load_certs(&tls_files.cert_chain)?;
+    let key = tls::load_key(&tls_files.key)?;
+    let mqtt_tls = ingot_engine::net::tls::mqtt_server_config(certs, key)
+        .context("load the MQTT TLS certificate")?;
+    let engine_config = ingot_engine::shard::EngineConfig {
+        hostname: config.hostname.clone(),
+        listen_address: config.listen_address,
+        mqtt_tls_port: (config.mqtt_tls_port != 0).then_some(config.mqtt_tls_port),
+        mqtt_port: (config.mqtt_port != 0).then_some(config.mqtt_port),
+        shards,
+        tls: Arc::new(mqtt_tls),
+        limits: config.connection_limits(),
+    };
+    let identities = Arc::new(crate::identity::RegistryIdentities { registry, policies });
+    let engine =
+        ingot_engine::shard::Engine::start(engine_config, store.into_partitions(), identities)?;
+    Ok(engine)
 }
 
 async fn shutdown_signal() {

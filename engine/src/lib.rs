@@ -8,4 +8,9 @@
 
 pub mod auth;
 pub mod id;
+pub mod iothub;
 pub mod limits;
+pub mod mqtt;
+pub mod net;
+pub mod shard;
+pub mod store;

@@ -21,16 +21,21 @@ def free_port():
 class Hub:
     """One `ingot serve` process; `data_dir` survives restarts."""
 
-    def __init__(self, data_dir):
+    def __init__(self, data_dir, mqtt_tls_port=None):
         self.data_dir = pathlib.Path(data_dir)
         self.port = free_port()
+        self.mqtt_port = free_port()
+        self.mqtt_tls_port = mqtt_tls_port or free_port()
         self.proc = None
         self.log = self.data_dir.parent / (self.data_dir.name + ".log")
 
     def start(self):
         self.proc = subprocess.Popen(
             [BIN, "serve", "--data-dir", str(self.data_dir), "--https-port", str(self.port),
+             "--mqtt-port", str(self.mqtt_port), "--mqtt-tls-port", str(self.mqtt_tls_port),
              "--listen-address", "127.0.0.1"],
+            # Small segments: each hub preallocates two per partition.
+            env={**os.environ, "INGOT_STORE__SEGMENT_BYTES_MAX": "1048576"},
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "ab"),
         )
@@ -39,7 +44,8 @@ class Hub:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ingot serve exited with {self.proc.returncode}: {self.log.read_text()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                for port in (self.port, self.mqtt_port, self.mqtt_tls_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)
@@ -67,6 +73,16 @@ class Hub:
     @property
     def ca(self):
         return str(self.data_dir / "tls" / "ca.pem")
+
+
+@pytest.fixture(scope="module")
+def device_hub(tmp_path_factory):
+    """A hub on port 8883, where the Azure device SDK always connects."""
+    hub = Hub(tmp_path_factory.mktemp("device-hub") / "data", mqtt_tls_port=8883).start()
+    os.environ["REQUESTS_CA_BUNDLE"] = hub.ca
+    yield hub
+    hub.stop()
+    assert hub.proc.returncode == 0, "the hub must exit cleanly on SIGTERM"
 
 
 @pytest.fixture(scope="module")

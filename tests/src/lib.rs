@@ -40,38 +40,75 @@ pub fn free_port() -> u16 {
 pub struct Hub {
     pub data_dir: PathBuf,
     pub port: u16,
+    /// Plain MQTT.
+    pub mqtt_port: u16,
+    /// MQTT over TLS.
+    pub mqtt_tls_port: u16,
     child: Option<Child>,
+    /// Extra `INGOT_*` settings for `ingot serve`.
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Hub {
     /// A hub on a fresh data directory.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A hub on a fresh data directory with extra settings (`("INGOT_MQTT__...", "...")`).
+    pub fn start_with(env: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
         let mut hub = Hub {
             data_dir,
             port: free_port(),
+            mqtt_port: free_port(),
+            mqtt_tls_port: free_port(),
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _tmp: Some(tmp),
         };
         hub.restart();
         hub
     }
 
-    /// Starts (again) on the same data directory and port.
+    /// Starts (again) on the same data directory and ports.
     pub fn restart(&mut self) {
+        let (https, mqtt, mqtt_tls) = (
+            self.port.to_string(),
+            self.mqtt_port.to_string(),
+            self.mqtt_tls_port.to_string(),
+        );
         let args = [
             "--https-port",
-            &self.port.to_string(),
+            &https,
+            "--mqtt-port",
+            &mqtt,
+            "--mqtt-tls-port",
+            &mqtt_tls,
             "--listen-address",
             "127.0.0.1",
+            // Two shards even on one core, so that connections are handed over between shards.
+            "--shards",
+            "2",
         ];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("hub log file");
         let child = self
             .command("serve")
             .args(args)
+            // Small segments: tests make many hubs, and each preallocates two segments.
+            .env("INGOT_STORE__SEGMENT_BYTES_MAX", "1048576")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn ingot serve");
         self.child = Some(child);
@@ -86,14 +123,30 @@ impl Hub {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("ingot serve exited early with {status}");
+                panic!(
+                    "ingot serve exited early with {status}; its log:\n{}",
+                    self.log()
+                );
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let up = |port| TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if up(self.port) && up(self.mqtt_port) && up(self.mqtt_tls_port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("ingot serve did not listen within 30 s");
+        panic!(
+            "ingot serve did not listen within 30 s; its log:\n{}",
+            self.log()
+        );
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.with_extension("log")
+    }
+
+    /// What the hub wrote on stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// An `ingot` command that finds this hub through its data directory.
@@ -171,5 +224,236 @@ impl Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A TLS client connection to `port` on 127.0.0.1, trusting `ca` (the hub's development CA) and
+/// presenting `client_auth` (a certificate chain and its key) when given.
+pub fn tls_connect(
+    ca: &Path,
+    port: u16,
+    protocols: &[&'static rustls::SupportedProtocolVersion],
+    client_auth: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ingot_control_plane::tls::load_certs(ca).expect("the hub's CA") {
+        roots.add(cert).expect("a usable CA certificate");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(protocols)
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match client_auth {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate"),
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    tcp.set_nodelay(true).expect("nodelay");
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+pub mod mqtt_client {
+    //! A minimal blocking MQTT 3.1.1 client over plain TCP or rustls, built on the engine's own
+    //! encoders (the same codec the load generator uses), for black-box tests of the hub.
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use ingot_engine::mqtt::{self, Connect, PacketId, Publish, PublishQos, QoS, ServerPacket};
+
+    /// What the server sent, as owned values.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Received {
+        Connack {
+            session_present: bool,
+            code: u8,
+        },
+        Puback(u16),
+        Suback(u16, Vec<u8>),
+        Unsuback(u16),
+        Pingresp,
+        Publish {
+            topic: String,
+            payload: Vec<u8>,
+            packet_id: Option<u16>,
+        },
+        Other,
+    }
+
+    pub trait Stream: Read + Write + Send {}
+    impl<T: Read + Write + Send> Stream for T {}
+
+    pub struct Client {
+        stream: Box<dyn Stream>,
+        buf: Vec<u8>,
+    }
+
+    impl std::fmt::Debug for Client {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Client").finish_non_exhaustive()
+        }
+    }
+
+    /// What a CONNECT carries.
+    #[derive(Debug, Clone)]
+    pub struct ConnectOptions<'a> {
+        pub client_id: &'a str,
+        pub username: Option<&'a str>,
+        pub password: Option<&'a str>,
+        pub clean_session: bool,
+        pub keep_alive_secs: u16,
+    }
+
+    impl<'a> ConnectOptions<'a> {
+        /// A device as the Azure SDK connects it: `{host}/{id}/?api-version=...`, clean 0.
+        pub fn device(client_id: &'a str, username: &'a str, password: &'a str) -> Self {
+            Self {
+                client_id,
+                username: Some(username),
+                password: Some(password),
+                clean_session: false,
+                keep_alive_secs: 60,
+            }
+        }
+    }
+
+    impl Client {
+        pub fn plain(port: u16) -> std::io::Result<Self> {
+            let tcp = TcpStream::connect(("127.0.0.1", port))?;
+            tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+            tcp.set_nodelay(true)?;
+            Ok(Self {
+                stream: Box::new(tcp),
+                buf: Vec::new(),
+            })
+        }
+
+        pub fn over(stream: Box<dyn Stream>) -> Self {
+            Self {
+                stream,
+                buf: Vec::new(),
+            }
+        }
+
+        pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.stream.write_all(bytes)
+        }
+
+        pub fn connect(
+            &mut self,
+            options: &ConnectOptions<'_>,
+        ) -> std::io::Result<Option<Received>> {
+            let mut out = BytesMut::new();
+            let connect = Connect {
+                clean_session: options.clean_session,
+                keep_alive_secs: options.keep_alive_secs,
+                client_id: options.client_id,
+                will: None,
+                username: options.username,
+                password: options.password.map(str::as_bytes),
+            };
+            mqtt::encode_connect(&mut out, &connect).map_err(std::io::Error::other)?;
+            self.stream.write_all(&out)?;
+            self.receive()
+        }
+
+        pub fn publish(
+            &mut self,
+            topic: &str,
+            payload: &[u8],
+            packet_id: Option<u16>,
+        ) -> std::io::Result<()> {
+            let qos = match packet_id.and_then(PacketId::new) {
+                Some(id) => PublishQos::AtLeastOnce(id),
+                None => PublishQos::AtMostOnce,
+            };
+            let publish = Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic,
+                payload,
+            };
+            let mut out = BytesMut::new();
+            mqtt::encode_publish(&mut out, &publish).map_err(std::io::Error::other)?;
+            self.stream.write_all(&out)
+        }
+
+        pub fn subscribe(
+            &mut self,
+            packet_id: u16,
+            filters: &[(&str, QoS)],
+        ) -> std::io::Result<()> {
+            let mut out = BytesMut::new();
+            let id =
+                PacketId::new(packet_id).ok_or_else(|| std::io::Error::other("packet id 0"))?;
+            mqtt::encode_subscribe(&mut out, id, filters).map_err(std::io::Error::other)?;
+            self.stream.write_all(&out)
+        }
+
+        /// The next packet from the server; `None` when it closed the connection.
+        pub fn receive(&mut self) -> std::io::Result<Option<Received>> {
+            loop {
+                if let Some(len) =
+                    mqtt::frame(&self.buf, usize::MAX >> 4).map_err(std::io::Error::other)?
+                {
+                    let frame: Vec<u8> = self.buf.drain(..len).collect();
+                    let packet = mqtt::decode_from_server(&frame).map_err(std::io::Error::other)?;
+                    return Ok(Some(match packet {
+                        ServerPacket::Connack {
+                            session_present,
+                            code,
+                        } => Received::Connack {
+                            session_present,
+                            code: code as u8,
+                        },
+                        ServerPacket::Puback(id) => Received::Puback(id.get()),
+                        ServerPacket::Suback(suback) => Received::Suback(
+                            suback.packet_id.get(),
+                            suback.return_codes().map(|c| c.to_byte()).collect(),
+                        ),
+                        ServerPacket::Unsuback(id) => Received::Unsuback(id.get()),
+                        ServerPacket::Pingresp => Received::Pingresp,
+                        ServerPacket::Publish(p) => Received::Publish {
+                            topic: p.topic.to_owned(),
+                            payload: p.payload.to_vec(),
+                            packet_id: p.qos.packet_id().map(PacketId::get),
+                        },
+                        _ => Received::Other,
+                    }));
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                match self.stream.read(&mut chunk) {
+                    Ok(0) => return Ok(None),
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+
+        /// Waits until the server closes the connection; `Err` if it sends anything else or
+        /// stays open past the read timeout.
+        pub fn expect_closed(&mut self) -> std::io::Result<()> {
+            match self.receive()? {
+                None => Ok(()),
+                Some(other) => Err(std::io::Error::other(format!(
+                    "expected a close, got {other:?}"
+                ))),
+            }
+        }
     }
 }

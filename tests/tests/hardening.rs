@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
 use hyper::Method;
 use ingot_tests::Hub;
@@ -127,21 +126,8 @@ fn bad_tokens_are_refused() {
 
 /// One HTTP/1.1 request over TLS, written by hand so that no client adds its own token.
 fn raw_request(hub: &Hub, request: &str) -> String {
-    let certs = ingot_control_plane::tls::load_certs(&hub.ca()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certs[0].clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let tcp = TcpStream::connect(("127.0.0.1", hub.port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let versions = rustls::DEFAULT_VERSIONS;
+    let mut tls = ingot_tests::tls_connect(&hub.ca(), hub.port, versions, None);
     tls.write_all(request.as_bytes()).unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tls.read(&mut buf).unwrap();

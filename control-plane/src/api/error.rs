@@ -116,6 +116,12 @@ impl From<RegistryError> for ApiError {
         match e {
             DeviceNotFound => Self::new(StatusCode::NOT_FOUND, 404001, "DeviceNotFound", message),
             ModuleNotFound => Self::new(StatusCode::NOT_FOUND, 404010, "ModuleNotFound", message),
+            CertificateNotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                404000,
+                "CertificateNotFound",
+                message,
+            ),
             DeviceAlreadyExists => {
                 Self::new(StatusCode::CONFLICT, 409001, "DeviceAlreadyExists", message)
             }

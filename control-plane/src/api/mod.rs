@@ -10,6 +10,7 @@
 //! handshake and on reading request headers, so a slow or half-open client costs a slot for a
 //! bounded time only.
 
+mod certificate_routes;
 mod error;
 mod registry_routes;
 pub mod wire;
@@ -31,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use ingot_engine::auth::sas::{self, SasToken};
 
+pub use certificate_routes::authorities_der;
 pub use error::ApiError;
 
 use crate::config::HttpConfig;
@@ -44,6 +46,23 @@ pub struct AppState {
     pub policies: Policies,
     pub hostname: String,
     pub http: HttpConfig,
+    /// The data plane, told about every registry change so that it can disconnect an identity
+    /// that was disabled, deleted or re-keyed. `None` when no data plane runs.
+    pub engine: Option<Arc<ingot_engine::shard::Engine>>,
+}
+
+impl AppState {
+    pub fn authorities_changed(&self) {
+        if let Some(engine) = &self.engine {
+            engine.certificate_authorities_changed();
+        }
+    }
+
+    pub fn identity_changed(&self, device_id: &str, module_id: Option<&str>) {
+        if let Some(engine) = &self.engine {
+            engine.identity_changed(device_id, module_id);
+        }
+    }
 }
 
 pub type ApiResponse = Response<Full<Bytes>>;

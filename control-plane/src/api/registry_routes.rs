@@ -19,6 +19,7 @@ pub fn permission_for(method: &Method, segments: &[String]) -> Result<Permission
     let known = match segments.first().map(String::as_str) {
         Some("devices") => segments.len() <= 4,
         Some("statistics") => segments.len() == 2 && segments[1] == "devices",
+        Some("certificates") => segments.len() <= 2,
         _ => false,
     };
     if !known {
@@ -46,6 +47,10 @@ pub async fn dispatch(state: &AppState, req: ApiRequest) -> Result<ApiResponse, 
             delete_module(state, id, mid, &req).await
         }
         (&Method::GET, ["statistics", "devices"]) => statistics(state).await,
+        (_, ["certificates"]) => super::certificate_routes::dispatch(state, &req, None).await,
+        (_, ["certificates", name]) => {
+            super::certificate_routes::dispatch(state, &req, Some(name)).await
+        }
         (
             _,
             ["devices"]
@@ -58,7 +63,7 @@ pub async fn dispatch(state: &AppState, req: ApiRequest) -> Result<ApiResponse, 
 }
 
 /// Runs a registry transaction on the blocking pool: redb commits fsync.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -73,7 +78,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// `If-Match` as the SDKs send it: `"*"` or a quoted etag, maybe weak (`W/"..."`).
-fn if_match(req: &ApiRequest) -> Option<IfMatch> {
+pub(super) fn if_match(req: &ApiRequest) -> Option<IfMatch> {
     let raw = req.header("if-match")?.trim();
     let raw = raw.strip_prefix("W/").unwrap_or(raw);
     let value = raw.trim_matches('"');
@@ -109,7 +114,11 @@ async fn put_device(state: &AppState, id: &str, req: &ApiRequest) -> Result<ApiR
     let spec = wire::device_spec(id, body)?;
     let device = match if_match(req) {
         None => blocking(state, move |r| r.create_device(spec)).await?,
-        Some(m) => blocking(state, move |r| r.update_device(spec, &m)).await?,
+        Some(m) => {
+            let device = blocking(state, move |r| r.update_device(spec, &m)).await?;
+            state.identity_changed(&device.device_id, None);
+            device
+        }
     };
     let body = wire::device_json(&device).to_string();
     Ok(with_etag(json_response(StatusCode::OK, body), &device.etag))
@@ -124,6 +133,7 @@ async fn delete_device(
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let owned = id.to_owned();
     blocking(state, move |r| r.delete_device(&owned, &m)).await?;
+    state.identity_changed(id, None);
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
@@ -213,6 +223,11 @@ async fn bulk(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiErro
         }
     }
     let mut results = blocking(state, move |r| r.bulk(ops)).await?.into_iter();
+    for (id, _, invalid) in &outcomes {
+        if invalid.is_none() {
+            state.identity_changed(id, None);
+        }
+    }
     let mut errors = Vec::new();
     for (id, mode, outcome) in outcomes {
         let outcome = match outcome {
@@ -318,7 +333,11 @@ async fn put_module(
     let spec = wire::module_spec(id, mid, body)?;
     let module = match if_match(req) {
         None => blocking(state, move |r| r.create_module(spec)).await?,
-        Some(m) => blocking(state, move |r| r.update_module(spec, &m)).await?,
+        Some(m) => {
+            let module = blocking(state, move |r| r.update_module(spec, &m)).await?;
+            state.identity_changed(&module.device_id, Some(&module.module_id));
+            module
+        }
     };
     let body = wire::module_json(&module).to_string();
     Ok(with_etag(json_response(StatusCode::OK, body), &module.etag))
@@ -335,5 +354,6 @@ async fn delete_module(
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let (d, mo) = (id.to_owned(), mid.to_owned());
     blocking(state, move |r| r.delete_module(&d, &mo, &m)).await?;
+    state.identity_changed(id, Some(mid));
     Ok(empty_response(StatusCode::NO_CONTENT))
 }

@@ -3,4 +3,6 @@
 //! Everything here is sans-IO: the current time is a parameter, keys are byte slices, and the
 //! caller decides which keys to try (a device's, a module's or a policy's).
 
+pub mod device;
 pub mod sas;
+pub mod x509;

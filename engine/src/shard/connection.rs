@@ -1,0 +1,825 @@
+//! One device connection: TLS handshake, CONNECT and authentication, the handoff to the owning
+//! shard, then the session loop that turns PUBLISH packets into appended records and PUBACKs.
+//!
+//! The loop works in batches: it decodes every complete packet in its read buffer (borrowing
+//! topics, properties and bodies from that buffer, so a message is copied once, into the
+//! segment), appends the batch to the device's partition in one call (one flush under
+//! `fsync=always`), and only then writes the PUBACKs, in order. It reads again only after the
+//! acknowledgements are written: a slow disk or a slow client stops the reading, which is the
+//! backpressure TCP carries back to the device. The read buffer holds at most one maximal
+//! packet plus one read, and a batch at most `inflight_count_max` messages.
+
+use std::borrow::Cow;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+
+use super::{LiveConnection, Shard, ShardMsg};
+use crate::auth::device::{self, AuthFailure, Authenticated, Credential, Presented};
+use crate::iothub::property_bag::{PropertyBag, PropertyName, SystemProperty};
+use crate::iothub::username::Username;
+use crate::mqtt::{self, ConnectReturnCode, Packet, PacketId, PublishQos, QoS, SubackCode};
+use crate::net::handoff;
+use crate::net::tls::TlsStream;
+use crate::net::transport::Transport;
+use crate::store::format::property_name;
+use crate::store::{MessageRef, PropertyRef};
+
+/// Bytes read per read call.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// The hub closes a connection after 1.5 x its keepalive, and never waits longer than this
+/// (Azure's cap), so a keepalive of 0 does not make a half-open connection immortal.
+const KEEPALIVE_CAP: Duration = Duration::from_secs(1767);
+
+/// Why the shard closes a live connection from outside its loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer connection of the same identity arrived.
+    Replaced,
+    /// The registry disabled, deleted or re-keyed the identity.
+    Revoked,
+    Shutdown,
+}
+
+/// Subscriptions of a client, kept across reconnects when it connects with clean session 0.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    pub filters: Vec<String>,
+}
+
+/// An authenticated CONNECT, as owned values that can move to another shard.
+#[derive(Debug)]
+pub struct Connected {
+    client_id: String,
+    device_id: String,
+    module_id: Option<String>,
+    clean_session: bool,
+    keep_alive_secs: u16,
+    credential: Credential,
+    auth: Authenticated,
+    model_id: Option<String>,
+    /// `iothub-connection-auth-method`, built once per connection.
+    auth_method_json: String,
+}
+
+impl Connected {
+    fn key(&self) -> String {
+        identity_key(&self.device_id, self.module_id.as_deref())
+    }
+}
+
+fn identity_key(device_id: &str, module_id: Option<&str>) -> String {
+    match module_id {
+        Some(module_id) => format!("{device_id}/{module_id}"),
+        None => device_id.to_owned(),
+    }
+}
+
+/// A connection on its way to the shard that owns its device.
+#[derive(Debug)]
+pub struct HandOff {
+    fd: OwnedFd,
+    tls: Option<(rustls::ServerConnection, Vec<u8>)>,
+    /// Plaintext read after the CONNECT packet.
+    plaintext: Vec<u8>,
+    connected: Connected,
+}
+
+/// Message ids for messages that arrive without one: random, UUID-shaped, from a per-shard
+/// generator (xorshift64*) so that no lock or syscall is on the path.
+#[derive(Debug)]
+pub struct MessageIdSource {
+    state: u64,
+}
+
+impl MessageIdSource {
+    pub fn new(shard: u64) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            state: (nanos ^ (shard.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn next_id(&mut self) -> String {
+        let (a, b) = (self.next_u64(), self.next_u64());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            0x8000 | (b >> 48) & 0x3fff,
+            b & 0xffff_ffff_ffff
+        )
+    }
+}
+
+/// Serves a freshly accepted socket.
+pub async fn accept(shard: Rc<Shard>, tcp: TcpStream, tls: bool) {
+    let stats = shard.shared.stats.clone();
+    stats.connections_accepted.fetch_add(1, Relaxed);
+    if shard.shutting_down.get() {
+        return;
+    }
+    let _ = tcp.set_nodelay(true);
+    let throttled = shard.open_connections.get()
+        >= shard.shared.config.limits.connections_per_shard_max
+        || !shard.rate.borrow_mut().try_take(Instant::now());
+    let timeout = shard.shared.config.limits.connect_timeout;
+    let tls_config = shard.shared.config.tls.clone();
+    let opened = glommio::timer::timeout(timeout, async {
+        let transport = if tls {
+            match TlsStream::accept(tcp, tls_config).await {
+                Ok(stream) => Transport::Tls(Box::new(stream)),
+                Err(e) => {
+                    stats.handshake_failures.fetch_add(1, Relaxed);
+                    tracing::debug!("TLS handshake failed: {e}");
+                    return Ok(None);
+                }
+            }
+        } else {
+            Transport::Plain(tcp)
+        };
+        Ok(Some(transport))
+    })
+    .await;
+    let Ok(Some(mut transport)) = opened else {
+        stats.handshake_failures.fetch_add(1, Relaxed);
+        return;
+    };
+    let connect = glommio::timer::timeout(timeout, async {
+        Ok(read_connect(&shard, &mut transport, throttled).await)
+    })
+    .await;
+    let (connected, leftover) = match connect {
+        Ok(Some(connected)) => connected,
+        _ => {
+            transport.close().await;
+            return;
+        }
+    };
+    let owner = shard.owner_of(&connected.device_id);
+    if owner == shard.shared.id {
+        run(shard, transport, connected, leftover).await;
+        return;
+    }
+    // Hand the connection to the shard that owns the device's partition.
+    let (fd, tls) = match transport {
+        Transport::Plain(tcp) => (handoff::release(tcp), None),
+        Transport::Tls(stream) => {
+            let (tcp, conn, ciphertext) = stream.into_parts();
+            (handoff::release(tcp), Some((conn, ciphertext)))
+        }
+    };
+    let Ok(fd) = fd else { return };
+    stats.handoffs.fetch_add(1, Relaxed);
+    let handoff = HandOff {
+        fd,
+        tls,
+        plaintext: leftover,
+        connected,
+    };
+    let _ = shard.shared.peers[owner]
+        .send(ShardMsg::HandOff(Box::new(handoff)))
+        .await;
+}
+
+/// Continues a connection handed over by another shard.
+pub async fn adopt(shard: Rc<Shard>, handoff: HandOff) {
+    let tcp = handoff::adopt(handoff.fd);
+    let transport = match handoff.tls {
+        Some((conn, ciphertext)) => {
+            Transport::Tls(Box::new(TlsStream::from_parts(tcp, conn, ciphertext)))
+        }
+        None => Transport::Plain(tcp),
+    };
+    run(shard, transport, handoff.connected, handoff.plaintext).await;
+}
+
+/// Reads the first packet, which must be a CONNECT, and authenticates it. Answers refusals
+/// with their CONNACK; returns the session and the bytes read after the CONNECT on success.
+async fn read_connect(
+    shard: &Shard,
+    transport: &mut Transport,
+    throttled: bool,
+) -> Option<(Connected, Vec<u8>)> {
+    let stats = &shard.shared.stats;
+    let limits = &shard.shared.config.limits;
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut filled = 0;
+    let frame_len = loop {
+        match mqtt::frame(&buf[..filled], limits.packet_bytes_max) {
+            Ok(Some(len)) => break len,
+            Ok(None) => {}
+            Err(_) => {
+                stats.connects_malformed.fetch_add(1, Relaxed);
+                return None;
+            }
+        }
+        if filled == buf.len() {
+            if buf.len() >= limits.packet_bytes_max + READ_CHUNK_BYTES {
+                return None;
+            }
+            buf.resize(buf.len() + READ_CHUNK_BYTES, 0);
+        }
+        match transport.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => filled += n,
+        }
+    };
+    let frame = buf.get(..frame_len)?;
+    let connect = match mqtt::decode(frame) {
+        Ok(Packet::Connect(connect)) => connect,
+        Ok(_) => {
+            stats.connects_malformed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Err(e) => {
+            stats.connects_malformed.fetch_add(1, Relaxed);
+            if let Some(code) = e.connack_code() {
+                connack(transport, false, code).await;
+            }
+            return None;
+        }
+    };
+    if throttled {
+        stats.connects_throttled.fetch_add(1, Relaxed);
+        connack(transport, false, ConnectReturnCode::ServerUnavailable).await;
+        return None;
+    }
+    let username = match Username::parse_connect(connect.username, connect.client_id) {
+        Ok(username) => username,
+        Err(e) => {
+            stats.connects_not_authorized.fetch_add(1, Relaxed);
+            connack(transport, false, e.connack_code()).await;
+            return None;
+        }
+    };
+    let identity = username.identity;
+    let chain = transport.peer_certificates();
+    let presented = Presented {
+        device_id: identity.device_id,
+        module_id: identity.module_id,
+        password: connect.password,
+        client_chain: &chain,
+    };
+    let identities = &*shard.shared.identities;
+    let hostname = &shard.shared.config.hostname;
+    let now = super::stats::now_secs();
+    let auth = device::authenticate(&presented, hostname, identities, now);
+    let credential = identities.credential(identity.device_id, identity.module_id);
+    let (auth, credential) = match (auth, credential) {
+        (Ok(auth), Some(credential)) => (auth, credential),
+        (Err(failure), _) => {
+            stats.connects_not_authorized.fetch_add(1, Relaxed);
+            tracing::debug!(device = identity.device_id, "CONNECT refused: {failure}");
+            connack(transport, false, ConnectReturnCode::NotAuthorized).await;
+            return None;
+        }
+        (Ok(_), None) => {
+            // Deleted between the two look-ups.
+            stats.connects_not_authorized.fetch_add(1, Relaxed);
+            let _ = AuthFailure::UnknownIdentity;
+            connack(transport, false, ConnectReturnCode::NotAuthorized).await;
+            return None;
+        }
+    };
+    let scope = if identity.module_id.is_some() {
+        "module"
+    } else {
+        "device"
+    };
+    let auth_method_json = match auth.method {
+        device::AuthMethod::Sas => {
+            format!(r#"{{"scope":"{scope}","type":"sas","issuer":"iothub"}}"#)
+        }
+        device::AuthMethod::SasPolicy => {
+            r#"{"scope":"hub","type":"sas","issuer":"iothub"}"#.to_owned()
+        }
+        device::AuthMethod::X509SelfSigned | device::AuthMethod::X509CertificateAuthority => {
+            format!(r#"{{"scope":"{scope}","type":"x509","issuer":"iothub"}}"#)
+        }
+    };
+    let connected = Connected {
+        client_id: connect.client_id.to_owned(),
+        device_id: identity.device_id.to_owned(),
+        module_id: identity.module_id.map(str::to_owned),
+        clean_session: connect.clean_session,
+        keep_alive_secs: connect.keep_alive_secs,
+        credential,
+        auth,
+        model_id: username.model_id().map(Cow::into_owned),
+        auth_method_json,
+    };
+    let leftover = buf
+        .get(frame_len..filled)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    Some((connected, leftover))
+}
+
+async fn connack(transport: &mut Transport, session_present: bool, code: ConnectReturnCode) {
+    let mut out = bytes::BytesMut::new();
+    mqtt::encode_connack(&mut out, session_present, code);
+    let _ = transport.write_all(&out).await;
+}
+
+/// Re-checks live connections after a registry change: the identity's own, and for a device
+/// also its modules' (a module connects only while its device is enabled). Closes those whose
+/// identity was deleted, disabled, or whose credentials changed.
+pub fn recheck(shard: &Shard, device_id: &str, module_id: Option<&str>) {
+    let key = identity_key(device_id, module_id);
+    let module_prefix = format!("{device_id}/");
+    let live = shard.live.borrow();
+    let affected = live
+        .iter()
+        .filter(|(k, _)| **k == key || (module_id.is_none() && k.starts_with(&module_prefix)));
+    for (k, connection) in affected {
+        let module = k.strip_prefix(&module_prefix);
+        let still_valid = match shard.shared.identities.credential(device_id, module) {
+            Some(now) => {
+                now.enabled
+                    && now.secret == connection.credential.secret
+                    && now.generation_id == connection.credential.generation_id
+            }
+            None => false,
+        };
+        if !still_valid {
+            shard.shared.stats.revoked.fetch_add(1, Relaxed);
+            let _ = connection.close.try_send(CloseReason::Revoked);
+        }
+    }
+}
+
+/// Closes every connection that authenticated with a CA-signed certificate.
+pub fn close_ca_admitted(shard: &Shard) {
+    for connection in shard.live.borrow().values() {
+        if connection.method == device::AuthMethod::X509CertificateAuthority {
+            shard.shared.stats.revoked.fetch_add(1, Relaxed);
+            let _ = connection.close.try_send(CloseReason::Revoked);
+        }
+    }
+}
+
+/// The session on the owning shard: register, CONNACK, serve, clean up.
+async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, leftover: Vec<u8>) {
+    let stats = shard.shared.stats.clone();
+    let key = connected.key();
+    let id = shard.next_connection_id.get();
+    shard.next_connection_id.set(id + 1);
+    let (close_tx, close_rx) = async_channel::bounded(1);
+    let previous = shard.live.borrow_mut().insert(
+        key.clone(),
+        LiveConnection {
+            id,
+            credential: connected.credential.clone(),
+            method: connected.auth.method,
+            close: close_tx,
+        },
+    );
+    if let Some(previous) = previous {
+        stats.replaced.fetch_add(1, Relaxed);
+        let _ = previous.close.try_send(CloseReason::Replaced);
+    }
+    let (mut session, present) = if connected.clean_session {
+        shard.sessions.borrow_mut().remove(&connected.client_id);
+        (Session::default(), false)
+    } else {
+        match shard.sessions.borrow_mut().remove(&connected.client_id) {
+            Some(session) => (session, true),
+            None => (Session::default(), false),
+        }
+    };
+    shard.open_connections.set(shard.open_connections.get() + 1);
+    stats.connections_open.fetch_add(1, Relaxed);
+    stats.connects_ok.fetch_add(1, Relaxed);
+
+    connack(&mut transport, present, ConnectReturnCode::Accepted).await;
+    let ended = serve(
+        &shard,
+        &mut transport,
+        &connected,
+        &mut session,
+        leftover,
+        &close_rx,
+    )
+    .await;
+    let device = &connected.device_id;
+    match &ended {
+        // An operating error: the partition refused an append (disk full, IO error).
+        Ended::Store(e) => tracing::warn!(%device, "closed a connection: failed to append: {e}"),
+        Ended::Violation(why) => tracing::debug!(%device, "closed a connection: {why}"),
+        Ended::Io(e) => tracing::debug!(%device, "connection failed: {e}"),
+        Ended::Closed(reason) => tracing::debug!(%device, "closed a connection: {reason:?}"),
+        _ => tracing::debug!(%device, "connection ended: {ended:?}"),
+    }
+
+    {
+        let mut live = shard.live.borrow_mut();
+        if live.get(&key).is_some_and(|c| c.id == id) {
+            live.remove(&key);
+        }
+    }
+    if !connected.clean_session {
+        shard
+            .sessions
+            .borrow_mut()
+            .insert(connected.client_id.clone(), session);
+    }
+    shard
+        .open_connections
+        .set(shard.open_connections.get().saturating_sub(1));
+    stats.connections_open.fetch_sub(1, Relaxed);
+    transport.close().await;
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum Ended {
+    ClientDisconnected,
+    ClientClosed,
+    Closed(CloseReason),
+    KeepaliveTimeout,
+    TokenExpired,
+    Violation(&'static str),
+    Io(std::io::Error),
+    Store(String),
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Close(CloseReason),
+    Deadline,
+}
+
+/// A message decoded from the read buffer, waiting to be appended.
+struct Pending<'b> {
+    system: std::ops::Range<usize>,
+    application: std::ops::Range<usize>,
+    body: &'b [u8],
+}
+
+async fn serve(
+    shard: &Shard,
+    transport: &mut Transport,
+    connected: &Connected,
+    session: &mut Session,
+    leftover: Vec<u8>,
+    close_rx: &async_channel::Receiver<CloseReason>,
+) -> Ended {
+    let limits = &shard.shared.config.limits;
+    let stats = &shard.shared.stats;
+    let partition = shard.partition_of(&connected.device_id);
+    let keepalive = if connected.keep_alive_secs == 0 {
+        KEEPALIVE_CAP
+    } else {
+        (Duration::from_secs(u64::from(connected.keep_alive_secs)) * 3 / 2).min(KEEPALIVE_CAP)
+    };
+    let token_deadline = connected.auth.expires_at_secs.map(|expiry| {
+        let now = super::stats::now_secs();
+        Instant::now() + Duration::from_secs(expiry.saturating_sub(now))
+    });
+    let telemetry_prefix = match &connected.module_id {
+        Some(module) => format!(
+            "devices/{}/modules/{module}/messages/events",
+            connected.device_id
+        ),
+        None => format!("devices/{}/messages/events", connected.device_id),
+    };
+    let buf_max = limits.packet_bytes_max + READ_CHUNK_BYTES;
+    let mut buf = leftover;
+    let mut out = bytes::BytesMut::with_capacity(1024);
+    let mut acks: Vec<PacketId> = Vec::with_capacity(limits.inflight_count_max);
+    let mut last_packet = Instant::now();
+
+    loop {
+        // Decode every complete packet, append the telemetry among them, acknowledge.
+        let mut consumed = 0;
+        let mut disconnect = None;
+        {
+            let mut arena: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+            let mut pending: Vec<Pending<'_>> = Vec::new();
+            let mut message_ids = shard.message_ids.borrow_mut();
+            while pending.len() < limits.inflight_count_max {
+                let rest = buf.get(consumed..).unwrap_or_default();
+                let len = match mqtt::frame(rest, limits.packet_bytes_max) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(_) => {
+                        disconnect = Some(Ended::Violation("malformed or oversize packet"));
+                        break;
+                    }
+                };
+                let Some(frame) = rest.get(..len) else { break };
+                consumed += len;
+                last_packet = Instant::now();
+                let packet = match mqtt::decode(frame) {
+                    Ok(packet) => packet,
+                    Err(_) => {
+                        disconnect = Some(Ended::Violation("malformed packet"));
+                        break;
+                    }
+                };
+                match packet {
+                    Packet::Publish(publish) => {
+                        let packet_id = match publish.qos {
+                            PublishQos::AtMostOnce => None,
+                            PublishQos::AtLeastOnce(id) => Some(id),
+                            PublishQos::ExactlyOnce(_) => {
+                                disconnect = Some(Ended::Violation("QoS 2 is not supported"));
+                                break;
+                            }
+                        };
+                        let Some(bag) = telemetry_bag(publish.topic, &telemetry_prefix) else {
+                            disconnect = Some(Ended::Violation(
+                                "publish to a topic that is not the device's",
+                            ));
+                            break;
+                        };
+                        let system_start = arena.len();
+                        stamp(&mut arena, connected);
+                        let mut has_message_id = false;
+                        let mut application = Vec::new();
+                        for property in PropertyBag::new(bag).iter() {
+                            let value = property.value.unwrap_or(Cow::Borrowed(""));
+                            match property.name {
+                                // The hub sets these; a device cannot spoof them.
+                                PropertyName::System(
+                                    SystemProperty::To
+                                    | SystemProperty::ConnectionDeviceId
+                                    | SystemProperty::ConnectionModuleId,
+                                ) => {}
+                                PropertyName::System(system) => {
+                                    has_message_id |= system == SystemProperty::MessageId;
+                                    arena.push((Cow::Borrowed(system.name()), value));
+                                }
+                                PropertyName::Application(name) => application.push((name, value)),
+                            }
+                        }
+                        if !has_message_id {
+                            let id = message_ids.next_id();
+                            arena.push((Cow::Borrowed(property_name::MESSAGE_ID), Cow::Owned(id)));
+                        }
+                        let system_end = arena.len();
+                        if publish.retain {
+                            application.push((Cow::Borrowed("mqtt-retain"), Cow::Borrowed("true")));
+                        }
+                        arena.extend(application);
+                        let size = publish.payload.len()
+                            + arena[system_start..]
+                                .iter()
+                                .map(|(n, v)| n.len() + v.len())
+                                .sum::<usize>();
+                        if size > crate::limits::D2C_MESSAGE_BYTES_MAX {
+                            disconnect = Some(Ended::Violation("message larger than 256 KB"));
+                            break;
+                        }
+                        pending.push(Pending {
+                            system: system_start..system_end,
+                            application: system_end..arena.len(),
+                            body: publish.payload,
+                        });
+                        if let Some(id) = packet_id {
+                            acks.push(id);
+                        }
+                    }
+                    Packet::Subscribe(subscribe) => {
+                        let codes: Vec<SubackCode> = subscribe
+                            .filters()
+                            .map(|(filter, qos)| grant(filter, qos, connected, session))
+                            .collect();
+                        let _ = mqtt::encode_suback(&mut out, subscribe.packet_id, &codes);
+                    }
+                    Packet::Unsubscribe(unsubscribe) => {
+                        for filter in unsubscribe.filters() {
+                            session.filters.retain(|f| f != filter);
+                        }
+                        mqtt::encode_unsuback(&mut out, unsubscribe.packet_id);
+                    }
+                    Packet::Pingreq => mqtt::encode_pingresp(&mut out),
+                    Packet::Disconnect => {
+                        disconnect = Some(Ended::ClientDisconnected);
+                        break;
+                    }
+                    // Acknowledgements of cloud-to-device messages (none are sent yet).
+                    Packet::Puback(_) => {}
+                    Packet::Connect(_) => {
+                        disconnect = Some(Ended::Violation("second CONNECT"));
+                        break;
+                    }
+                    Packet::Pubrec(_) | Packet::Pubrel(_) | Packet::Pubcomp(_) => {
+                        disconnect = Some(Ended::Violation("QoS 2 is not supported"));
+                        break;
+                    }
+                }
+            }
+            drop(message_ids);
+            if !pending.is_empty() {
+                let properties: Vec<PropertyRef<'_>> = arena
+                    .iter()
+                    .map(|(name, value)| PropertyRef { name, value })
+                    .collect();
+                let messages: Vec<MessageRef<'_>> = pending
+                    .iter()
+                    .map(|p| MessageRef {
+                        system_properties: &properties[p.system.clone()],
+                        application_properties: &properties[p.application.clone()],
+                        body: p.body,
+                    })
+                    .collect();
+                let mut partitions = shard.partitions.borrow_mut();
+                let Some(log) = partitions.get_mut(&partition.0) else {
+                    return Ended::Store(format!(
+                        "partition {partition} is not owned by this shard"
+                    ));
+                };
+                if let Err(e) = log.append_batch(&messages, super::stats::now_ms()) {
+                    stats.append_errors.fetch_add(1, Relaxed);
+                    // Nothing of this batch is acknowledged; the device will resend.
+                    return Ended::Store(e.to_string());
+                }
+                stats.messages_in.fetch_add(messages.len() as u64, Relaxed);
+                let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
+                stats.message_bytes_in.fetch_add(bytes as u64, Relaxed);
+            }
+        }
+        // Acknowledge only what is appended, in the order it arrived.
+        for id in acks.drain(..) {
+            mqtt::encode_puback(&mut out, id);
+        }
+        buf.drain(..consumed);
+        if !out.is_empty() {
+            if let Err(e) = transport.write_all(&out).await {
+                return Ended::Io(e);
+            }
+            out.clear();
+        }
+        if let Some(ended) = disconnect {
+            if matches!(ended, Ended::Violation(_)) {
+                stats.protocol_violations.fetch_add(1, Relaxed);
+            }
+            return ended;
+        }
+        if mqtt::frame(&buf, limits.packet_bytes_max)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            continue; // more complete packets than one batch takes
+        }
+
+        // Read more, unless a close request, the keepalive or the token's expiry comes first.
+        let mut deadline = last_packet + keepalive;
+        let mut token_expired = false;
+        if let Some(token) = token_deadline {
+            if token < deadline {
+                deadline = token;
+                token_expired = true;
+            }
+        }
+        let filled = buf.len();
+        if filled >= buf_max {
+            return Ended::Violation("packet larger than the limit");
+        }
+        buf.resize((filled + READ_CHUNK_BYTES).min(buf_max), 0);
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let wake = futures_lite::future::or(
+            async { Wake::Read(transport.read(&mut buf[filled..]).await) },
+            futures_lite::future::or(
+                async {
+                    match close_rx.recv().await {
+                        Ok(reason) => Wake::Close(reason),
+                        Err(_) => Wake::Close(CloseReason::Shutdown),
+                    }
+                },
+                async {
+                    glommio::timer::sleep(wait).await;
+                    Wake::Deadline
+                },
+            ),
+        )
+        .await;
+        match wake {
+            Wake::Read(Ok(0)) => return Ended::ClientClosed,
+            Wake::Read(Ok(n)) => buf.truncate(filled + n),
+            Wake::Read(Err(e)) => return Ended::Io(e),
+            Wake::Close(reason) => return Ended::Closed(reason),
+            Wake::Deadline if token_expired => return Ended::TokenExpired,
+            Wake::Deadline => {
+                stats.keepalive_timeouts.fetch_add(1, Relaxed);
+                return Ended::KeepaliveTimeout;
+            }
+        }
+    }
+}
+
+/// The hub's stamps on every message of this connection (anti-spoofing).
+fn stamp<'a>(arena: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>, connected: &'a Connected) {
+    arena.push((
+        Cow::Borrowed(property_name::CONNECTION_DEVICE_ID),
+        Cow::Borrowed(&connected.device_id),
+    ));
+    if let Some(module) = &connected.module_id {
+        arena.push((
+            Cow::Borrowed(property_name::CONNECTION_MODULE_ID),
+            Cow::Borrowed(module),
+        ));
+    }
+    arena.push((
+        Cow::Borrowed(property_name::CONNECTION_AUTH_GENERATION_ID),
+        Cow::Borrowed(&connected.auth.generation_id),
+    ));
+    arena.push((
+        Cow::Borrowed(property_name::CONNECTION_AUTH_METHOD),
+        Cow::Borrowed(&connected.auth_method_json),
+    ));
+    if let Some(model) = &connected.model_id {
+        arena.push((
+            Cow::Borrowed(property_name::DATA_SCHEMA),
+            Cow::Borrowed(model),
+        ));
+    }
+}
+
+/// The property bag of a telemetry topic of this identity, or `None` for any other topic.
+/// Accepts `.../messages/events`, `.../messages/events/` and `.../messages/events/{bag}`.
+fn telemetry_bag<'t>(topic: &'t str, prefix: &str) -> Option<&'t str> {
+    let rest = topic.strip_prefix(prefix)?;
+    if rest.is_empty() {
+        return Some("");
+    }
+    rest.strip_prefix('/')
+}
+
+/// What a device may subscribe to: its own cloud-to-device, twin and method topics, at most
+/// QoS 1 (QoS 2 requests are granted QoS 1, as Azure does).
+fn grant(filter: &str, requested: QoS, connected: &Connected, session: &mut Session) -> SubackCode {
+    let own_devicebound = match &connected.module_id {
+        Some(module) => format!("devices/{}/modules/{module}/", connected.device_id),
+        None => format!("devices/{}/messages/devicebound/", connected.device_id),
+    };
+    let allowed = filter.starts_with(&own_devicebound)
+        || filter.starts_with("$iothub/twin/res/")
+        || filter.starts_with("$iothub/twin/PATCH/properties/desired/")
+        || filter.starts_with("$iothub/methods/POST/")
+        || filter == own_devicebound.trim_end_matches('/');
+    if !allowed {
+        return SubackCode::Failure;
+    }
+    if !session.filters.iter().any(|f| f == filter) {
+        session.filters.push(filter.to_owned());
+    }
+    let granted = if requested == QoS::AtMostOnce {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    SubackCode::Granted(granted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_topics_of_the_identity_only() {
+        let prefix = "devices/d1/messages/events";
+        assert_eq!(
+            telemetry_bag("devices/d1/messages/events/", prefix),
+            Some("")
+        );
+        assert_eq!(
+            telemetry_bag("devices/d1/messages/events", prefix),
+            Some("")
+        );
+        assert_eq!(
+            telemetry_bag("devices/d1/messages/events/a=1&%24.ct=x", prefix),
+            Some("a=1&%24.ct=x")
+        );
+        assert_eq!(telemetry_bag("devices/d10/messages/events/", prefix), None);
+        assert_eq!(telemetry_bag("devices/d1/messages/eventsX", prefix), None);
+        assert_eq!(telemetry_bag("devices/d2/messages/events/", prefix), None);
+    }
+
+    #[test]
+    fn message_ids_are_unique_and_uuid_shaped() {
+        let mut source = MessageIdSource::new(3);
+        let a = source.next_id();
+        let b = source.next_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.as_bytes()[14], b'4');
+    }
+}

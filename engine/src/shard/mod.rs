@@ -1,0 +1,410 @@
+//! Shards: one glommio executor per core, each pinned, each accepting device connections and
+//! owning a share of the event log's partitions.
+//!
+//! A connection is accepted by whichever shard the kernel picks (glommio binds every listener
+//! with SO_REUSEPORT). After CONNECT, when the device's partition belongs to another shard, the
+//! connection is handed over once, as plain values: its socket (duplicated descriptor), its
+//! rustls state, the bytes already read and the authenticated session. From then on one core
+//! reads that device's packets and appends them to its partition, in order, with no lock: a
+//! partition is a `PartitionLog` that only its shard ever touches.
+//!
+//! Messages between shards, and from the control plane (a tokio thread) to a shard, go through
+//! bounded `async-channel` queues; a foreign send wakes the receiving executor through glommio's
+//! cross-thread waker, so an idle shard sleeps until work arrives.
+
+mod connection;
+mod stats;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+pub use stats::Stats;
+
+use crate::auth::device::{Credential, IdentityLookup};
+use crate::store::{partition_of, PartitionId, PartitionLog};
+
+/// Queue depth of each shard's inbox (handoffs and control-plane commands).
+const INBOX_DEPTH: usize = 4096;
+/// How often each shard enforces retention on its partitions.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the data plane needs to run; built and validated by the control plane's config.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The hub's host name: the scope of device SAS tokens.
+    pub hostname: String,
+    pub listen_address: IpAddr,
+    /// MQTT over TLS (8883); `None` turns it off.
+    pub mqtt_tls_port: Option<u16>,
+    /// Plain MQTT (1883); `None` turns it off.
+    pub mqtt_port: Option<u16>,
+    pub shards: usize,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub limits: ConnectionLimits,
+}
+
+/// Bounds on what one connection, and the hub, may use.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Time from accept to a complete CONNECT (TLS handshake included).
+    pub connect_timeout: Duration,
+    /// Open connections per shard; more are refused with CONNACK 3.
+    pub connections_per_shard_max: usize,
+    /// New connections per second per listener over the whole hub; more get CONNACK 3.
+    pub connect_rate_per_sec: u32,
+    /// Largest MQTT packet (a 256 KB message plus its topic and properties).
+    pub packet_bytes_max: usize,
+    /// Most QoS 1 messages decoded from one connection before they are appended and
+    /// acknowledged: the in-flight window that bounds a batch.
+    pub inflight_count_max: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            connections_per_shard_max: 500_000,
+            connect_rate_per_sec: 10_000,
+            packet_bytes_max: crate::limits::D2C_MESSAGE_BYTES_MAX + 64 * 1024,
+            inflight_count_max: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("failed to bind the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("failed to start shard {shard}: {reason}")]
+    Start { shard: usize, reason: String },
+}
+
+/// A message to a shard.
+#[derive(Debug)]
+enum ShardMsg {
+    HandOff(Box<connection::HandOff>),
+    /// The registry changed this identity: re-check its live connection.
+    IdentityChanged {
+        device_id: String,
+        module_id: Option<String>,
+    },
+    /// The registered CA certificates changed: close connections that a CA admitted, so that
+    /// they reconnect and their chains are checked against the new set.
+    AuthoritiesChanged,
+    Shutdown,
+}
+
+/// The running data plane.
+#[derive(Debug)]
+pub struct Engine {
+    inboxes: Vec<async_channel::Sender<ShardMsg>>,
+    handles: std::sync::Mutex<Vec<glommio::ExecutorJoinHandle<()>>>,
+    partition_count: u32,
+    stats: Arc<Stats>,
+}
+
+impl Engine {
+    /// Starts one shard per `config.shards`, pinned to CPUs in order, and gives shard `s` the
+    /// partitions `p` with `p % shards == s`. Returns once every listener is bound.
+    pub fn start(
+        config: EngineConfig,
+        partitions: Vec<PartitionLog>,
+        identities: Arc<dyn IdentityLookup>,
+    ) -> Result<Engine, EngineError> {
+        let shards = config.shards.max(1);
+        let partition_count = partitions.len() as u32;
+        let stats = Arc::new(Stats::default());
+        let (inbox_senders, inbox_receivers): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| async_channel::bounded(INBOX_DEPTH))
+            .unzip();
+        let mut owned: Vec<Vec<PartitionLog>> = (0..shards).map(|_| Vec::new()).collect();
+        for partition in partitions {
+            owned[partition.id().0 as usize % shards].push(partition);
+        }
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let config = Arc::new(config);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
+        let mut handles = Vec::with_capacity(shards);
+        for (id, (inbox, partitions)) in inbox_receivers.into_iter().zip(owned).enumerate() {
+            let shared = ShardShared {
+                id,
+                shard_count: shards,
+                partition_count,
+                config: config.clone(),
+                identities: identities.clone(),
+                peers: inbox_senders.clone(),
+                stats: stats.clone(),
+            };
+            let ready = ready_tx.clone();
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+                .name(&format!("ingot-shard-{id}"))
+                .spawn(move || async move { run_shard(shared, partitions, inbox, ready).await })
+                .map_err(|e| EngineError::Start {
+                    shard: id,
+                    reason: e.to_string(),
+                })?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        let handles = std::sync::Mutex::new(handles);
+        let engine = Engine {
+            inboxes: inbox_senders,
+            handles,
+            partition_count,
+            stats,
+        };
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    engine.shutdown();
+                    return Err(e);
+                }
+                Err(_) => {
+                    let reason = "a shard exited during start-up".to_owned();
+                    engine.shutdown();
+                    return Err(EngineError::Start { shard: 0, reason });
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Tells the shard that owns the identity's partition to re-check its live connection: a
+    /// disabled, deleted or re-keyed identity is disconnected. Never blocks; a full inbox is
+    /// counted (the shard is far behind) and the change is then caught at the next CONNECT.
+    pub fn identity_changed(&self, device_id: &str, module_id: Option<&str>) {
+        if self.partition_count == 0 {
+            return;
+        }
+        let partition = partition_of(device_id, self.partition_count);
+        let owner = partition.0 as usize % self.inboxes.len();
+        let msg = ShardMsg::IdentityChanged {
+            device_id: device_id.to_owned(),
+            module_id: module_id.map(str::to_owned),
+        };
+        if self.inboxes[owner].try_send(msg).is_err() {
+            self.stats
+                .inbox_full
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Tells every shard that the registered CA certificates changed.
+    pub fn certificate_authorities_changed(&self) {
+        for inbox in &self.inboxes {
+            if inbox.try_send(ShardMsg::AuthoritiesChanged).is_err() {
+                self.stats
+                    .inbox_full
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Stops accepting, closes every connection, flushes every partition and joins the shards.
+    /// Blocks; a second call returns at once.
+    pub fn shutdown(&self) {
+        for inbox in &self.inboxes {
+            let _ = inbox.send_blocking(ShardMsg::Shutdown);
+        }
+        let handles = match self.handles.lock() {
+            Ok(mut handles) => std::mem::take(&mut *handles),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for handle in handles {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// What every task of a shard shares (immutable after start).
+struct ShardShared {
+    id: usize,
+    shard_count: usize,
+    partition_count: u32,
+    config: Arc<EngineConfig>,
+    identities: Arc<dyn IdentityLookup>,
+    peers: Vec<async_channel::Sender<ShardMsg>>,
+    stats: Arc<Stats>,
+}
+
+/// A live, authenticated connection as its shard tracks it.
+struct LiveConnection {
+    id: u64,
+    credential: Credential,
+    method: crate::auth::device::AuthMethod,
+    close: async_channel::Sender<connection::CloseReason>,
+}
+
+/// A shard's state. Single-threaded: `RefCell`s are borrowed only between awaits.
+struct Shard {
+    shared: ShardShared,
+    partitions: RefCell<HashMap<u32, PartitionLog>>,
+    /// Live connections by identity (`device` or `device/module`): one per identity.
+    live: RefCell<HashMap<String, LiveConnection>>,
+    /// Subscriptions of clean-session-0 clients, by client id, kept across reconnects.
+    sessions: RefCell<HashMap<String, connection::Session>>,
+    next_connection_id: Cell<u64>,
+    open_connections: Cell<usize>,
+    rate: RefCell<stats::RateLimiter>,
+    shutting_down: Cell<bool>,
+    message_ids: RefCell<connection::MessageIdSource>,
+}
+
+impl Shard {
+    fn owner_of(&self, device_id: &str) -> usize {
+        partition_of(device_id, self.shared.partition_count).0 as usize % self.shared.shard_count
+    }
+
+    fn partition_of(&self, device_id: &str) -> PartitionId {
+        partition_of(device_id, self.shared.partition_count)
+    }
+}
+
+async fn run_shard(
+    shared: ShardShared,
+    partitions: Vec<PartitionLog>,
+    inbox: async_channel::Receiver<ShardMsg>,
+    ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
+) {
+    let config = shared.config.clone();
+    let per_shard_rate = (config.limits.connect_rate_per_sec / shared.shard_count as u32).max(1);
+    let seed = shared.id as u64;
+    let shard = Rc::new(Shard {
+        partitions: RefCell::new(partitions.into_iter().map(|p| (p.id().0, p)).collect()),
+        shared,
+        live: RefCell::default(),
+        sessions: RefCell::default(),
+        next_connection_id: Cell::new(0),
+        open_connections: Cell::new(0),
+        rate: RefCell::new(stats::RateLimiter::new(per_shard_rate)),
+        shutting_down: Cell::new(false),
+        message_ids: RefCell::new(connection::MessageIdSource::new(seed)),
+    });
+
+    let mut listeners = Vec::new();
+    for (what, port, tls) in [
+        ("MQTT/TLS", config.mqtt_tls_port, true),
+        ("MQTT", config.mqtt_port, false),
+    ] {
+        let Some(port) = port else { continue };
+        let addr = SocketAddr::new(config.listen_address, port);
+        match TcpListener::bind(addr) {
+            Ok(listener) => listeners.push((listener, tls)),
+            Err(e) => {
+                let source = std::io::Error::other(e.to_string());
+                let _ = ready.send(Err(EngineError::Bind { what, addr, source }));
+                return;
+            }
+        }
+    }
+    let _ = ready.send(Ok(()));
+
+    let mut accept_tasks = Vec::new();
+    for (listener, tls) in listeners {
+        let shard = shard.clone();
+        accept_tasks.push(glommio::spawn_local(accept_loop(shard, listener, tls)).detach());
+    }
+    let retention = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(RETENTION_INTERVAL).await;
+                let now_ms = stats::now_ms();
+                for partition in shard.partitions.borrow_mut().values_mut() {
+                    if let Err(e) = partition.enforce_retention(now_ms) {
+                        tracing::warn!("failed to enforce retention: {e}");
+                    }
+                }
+            }
+        })
+        .detach()
+    };
+
+    while let Ok(msg) = inbox.recv().await {
+        match msg {
+            ShardMsg::HandOff(handoff) => {
+                let shard = shard.clone();
+                glommio::spawn_local(connection::adopt(shard, *handoff)).detach();
+            }
+            ShardMsg::IdentityChanged {
+                device_id,
+                module_id,
+            } => {
+                connection::recheck(&shard, &device_id, module_id.as_deref());
+            }
+            ShardMsg::AuthoritiesChanged => connection::close_ca_admitted(&shard),
+            ShardMsg::Shutdown => break,
+        }
+    }
+
+    // Shutdown: stop accepting, close connections (each flushes nothing: appends are synchronous),
+    // then flush the partitions so `never`/`interval` data reaches the disk before exit.
+    shard.shutting_down.set(true);
+    for task in accept_tasks {
+        task.cancel();
+    }
+    retention.cancel();
+    let closers: Vec<_> = shard
+        .live
+        .borrow()
+        .values()
+        .map(|c| c.close.clone())
+        .collect();
+    for close in closers {
+        let _ = close.try_send(connection::CloseReason::Shutdown);
+    }
+    // Give connections a moment to close their sockets cleanly.
+    for _ in 0..100 {
+        if shard.open_connections.get() == 0 {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    for partition in shard.partitions.borrow_mut().values_mut() {
+        if let Err(e) = partition.flush() {
+            tracing::error!(
+                "failed to flush partition {} at shutdown: {e}",
+                partition.id()
+            );
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let shard = shard.clone();
+                glommio::spawn_local(connection::accept(shard, stream, tls)).detach();
+            }
+            Err(e) => {
+                // Out of descriptors and the like: count, back off, keep serving.
+                shard
+                    .shared
+                    .stats
+                    .accept_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!("accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
