@@ -322,8 +322,13 @@ impl Config {
         &self,
         shards: usize,
     ) -> Result<ingot_engine::store::StoreConfig, ingot_engine::store::StoreError> {
+        // `0` means one per shard for a new data directory, and whatever an existing one was
+        // created with: moving a data directory to a machine with more cores must not make the
+        // store refuse to open.
         let partitions = match self.store.partitions {
-            0 => u32::try_from(shards).unwrap_or(u32::MAX),
+            0 => ingot_engine::store::Reader::open(&self.data_dir)
+                .map(|reader| reader.partition_count())
+                .unwrap_or_else(|_| u32::try_from(shards).unwrap_or(u32::MAX)),
             n => n,
         };
         let config = ingot_engine::store::StoreConfig {

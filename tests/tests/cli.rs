@@ -315,3 +315,61 @@ fn operator_certificates_are_served() {
         String::from_utf8_lossy(&list.stderr)
     );
 }
+
+#[test]
+fn a_data_directory_keeps_its_partition_count() {
+    let mut hub = Hub::start(); // two shards, so two partitions
+    assert!(hub.terminate().success());
+    let serve = |extra: &[&str]| {
+        std::process::Command::new(ingot_bin())
+            .args([
+                "serve",
+                "--listen-address",
+                "127.0.0.1",
+                "--https-port",
+                &free_port().to_string(),
+            ])
+            .args([
+                "--mqtt-port",
+                &free_port().to_string(),
+                "--mqtt-tls-port",
+                &free_port().to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(&hub.data_dir)
+            .args(extra)
+            .env("INGOT_STORE__SEGMENT_BYTES_MAX", "1048576")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // One shard on a machine with another core count: the store keeps its two partitions.
+    let mut one_shard = serve(&["--shards", "1"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        one_shard.try_wait().unwrap().is_none(),
+        "the hub must keep running"
+    );
+    let _ = one_shard.kill();
+    let _ = one_shard.wait();
+    let reader = ingot_engine::store::Reader::open(&hub.data_dir).unwrap();
+    assert_eq!(reader.partition_count(), 2);
+    // Asking for another partition count explicitly is a clear error.
+    let out = std::process::Command::new(ingot_bin())
+        .args([
+            "serve",
+            "--listen-address",
+            "127.0.0.1",
+            "--https-port",
+            &free_port().to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&hub.data_dir)
+        .env("INGOT_STORE__PARTITIONS", "3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("partition"), "{stderr}");
+}

@@ -134,9 +134,11 @@ pub async fn accept(shard: Rc<Shard>, tcp: TcpStream, tls: bool) {
         return;
     }
     let _ = tcp.set_nodelay(true);
-    let throttled = shard.open_connections.get()
-        >= shard.shared.config.limits.connections_per_shard_max
-        || !shard.rate.borrow_mut().try_take(Instant::now());
+    let limits = &shard.shared.config.limits;
+    let throttled = shard.open_connections.get() >= limits.connections_per_shard_max
+        || !shard.rate[usize::from(tls)]
+            .borrow_mut()
+            .try_take(Instant::now());
     let timeout = shard.shared.config.limits.connect_timeout;
     let tls_config = shard.shared.config.tls.clone();
     let opened = glommio::timer::timeout(timeout, async {

@@ -57,7 +57,8 @@ pub struct ConnectionLimits {
     pub connect_timeout: Duration,
     /// Open connections per shard; more are refused with CONNACK 3.
     pub connections_per_shard_max: usize,
-    /// New connections per second per listener over the whole hub; more get CONNACK 3.
+    /// New connections per second per listener over the whole hub (each shard takes an equal
+    /// share); more get CONNACK 3.
     pub connect_rate_per_sec: u32,
     /// Largest MQTT packet (a 256 KB message plus its topic and properties).
     pub packet_bytes_max: usize,
@@ -263,7 +264,8 @@ struct Shard {
     sessions: RefCell<HashMap<String, connection::Session>>,
     next_connection_id: Cell<u64>,
     open_connections: Cell<usize>,
-    rate: RefCell<stats::RateLimiter>,
+    /// Connect-rate limiters, one per listener (`[plain, tls]`), each with this shard's share.
+    rate: [RefCell<stats::RateLimiter>; 2],
     shutting_down: Cell<bool>,
     message_ids: RefCell<connection::MessageIdSource>,
 }
@@ -294,7 +296,10 @@ async fn run_shard(
         sessions: RefCell::default(),
         next_connection_id: Cell::new(0),
         open_connections: Cell::new(0),
-        rate: RefCell::new(stats::RateLimiter::new(per_shard_rate)),
+        rate: [
+            RefCell::new(stats::RateLimiter::new(per_shard_rate)),
+            RefCell::new(stats::RateLimiter::new(per_shard_rate)),
+        ],
         shutting_down: Cell::new(false),
         message_ids: RefCell::new(connection::MessageIdSource::new(seed)),
     });
