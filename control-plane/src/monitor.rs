@@ -45,7 +45,12 @@ fn parse_from(text: &str) -> Result<From, String> {
 #[derive(Debug, Clone, Args)]
 pub struct MonitorEventsArgs {
     /// The hub's data directory.
-    #[arg(long, value_name = "DIR", default_value = "./ingot-data")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "INGOT_DATA_DIR",
+        default_value = "./ingot-data"
+    )]
     pub data_dir: PathBuf,
     /// Where to start: `start`, `end`, or an RFC 3339 time such as 2026-11-26T10:00:00Z.
     #[arg(long, value_name = "start|end|TIME", default_value = "end", value_parser = parse_from)]
@@ -74,7 +79,12 @@ pub struct MonitorEventsArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LogVerifyArgs {
     /// The hub's data directory.
-    #[arg(long, value_name = "DIR", default_value = "./ingot-data")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "INGOT_DATA_DIR",
+        default_value = "./ingot-data"
+    )]
     pub data_dir: PathBuf,
 }
 
