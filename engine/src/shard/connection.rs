@@ -19,8 +19,10 @@ use glommio::net::TcpStream;
 
 use super::{LiveConnection, Shard, ShardMsg};
 use crate::auth::device::{self, AuthFailure, Authenticated, Credential, Presented};
-use crate::iothub::property_bag::{PropertyBag, PropertyName, SystemProperty};
+use crate::iothub::property_bag::{PropertyName, SystemProperty};
+use crate::iothub::topic::{PublishTopic, Subscription};
 use crate::iothub::username::Username;
+use crate::iothub::Identity;
 use crate::mqtt::{self, ConnectReturnCode, Packet, PacketId, PublishQos, QoS, SubackCode};
 use crate::net::handoff;
 use crate::net::tls::TlsStream;
@@ -493,12 +495,9 @@ async fn serve(
         let now = super::stats::now_secs();
         Instant::now() + Duration::from_secs(expiry.saturating_sub(now))
     });
-    let telemetry_prefix = match &connected.module_id {
-        Some(module) => format!(
-            "devices/{}/modules/{module}/messages/events",
-            connected.device_id
-        ),
-        None => format!("devices/{}/messages/events", connected.device_id),
+    let identity = Identity {
+        device_id: &connected.device_id,
+        module_id: connected.module_id.as_deref(),
     };
     let buf_max = limits.packet_bytes_max + READ_CHUNK_BYTES;
     let mut buf = leftover;
@@ -544,17 +543,27 @@ async fn serve(
                                 break;
                             }
                         };
-                        let Some(bag) = telemetry_bag(publish.topic, &telemetry_prefix) else {
-                            disconnect = Some(Ended::Violation(
-                                "publish to a topic that is not the device's",
-                            ));
-                            break;
+                        let properties = match PublishTopic::parse(publish.topic, identity) {
+                            PublishTopic::Telemetry { properties } => properties,
+                            PublishTopic::Foreign => {
+                                disconnect = Some(Ended::Violation(
+                                    "publish to a topic that is not the identity's",
+                                ));
+                                break;
+                            }
+                            // Twin and method topics are served with issue #6; until then a
+                            // publish to them closes the connection rather than being
+                            // acknowledged and dropped.
+                            _ => {
+                                disconnect = Some(Ended::Violation("unsupported topic"));
+                                break;
+                            }
                         };
                         let system_start = arena.len();
                         stamp(&mut arena, connected);
                         let mut has_message_id = false;
                         let mut application = Vec::new();
-                        for property in PropertyBag::new(bag).iter() {
+                        for property in properties.iter() {
                             let value = property.value.unwrap_or(Cow::Borrowed(""));
                             match property.name {
                                 // The hub sets these; a device cannot spoof them.
@@ -600,7 +609,7 @@ async fn serve(
                     Packet::Subscribe(subscribe) => {
                         let codes: Vec<SubackCode> = subscribe
                             .filters()
-                            .map(|(filter, qos)| grant(filter, qos, connected, session))
+                            .map(|(filter, qos)| grant(filter, qos, identity, session))
                             .collect();
                         let _ = mqtt::encode_suback(&mut out, subscribe.packet_id, &codes);
                     }
@@ -755,65 +764,23 @@ fn stamp<'a>(arena: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>, connected: &'a Conne
     }
 }
 
-/// The property bag of a telemetry topic of this identity, or `None` for any other topic.
-/// Accepts `.../messages/events`, `.../messages/events/` and `.../messages/events/{bag}`.
-fn telemetry_bag<'t>(topic: &'t str, prefix: &str) -> Option<&'t str> {
-    let rest = topic.strip_prefix(prefix)?;
-    if rest.is_empty() {
-        return Some("");
-    }
-    rest.strip_prefix('/')
-}
-
-/// What a device may subscribe to: its own cloud-to-device, twin and method topics, at most
-/// QoS 1 (QoS 2 requests are granted QoS 1, as Azure does).
-fn grant(filter: &str, requested: QoS, connected: &Connected, session: &mut Session) -> SubackCode {
-    let own_devicebound = match &connected.module_id {
-        Some(module) => format!("devices/{}/modules/{module}/", connected.device_id),
-        None => format!("devices/{}/messages/devicebound/", connected.device_id),
-    };
-    let allowed = filter.starts_with(&own_devicebound)
-        || filter.starts_with("$iothub/twin/res/")
-        || filter.starts_with("$iothub/twin/PATCH/properties/desired/")
-        || filter.starts_with("$iothub/methods/POST/")
-        || filter == own_devicebound.trim_end_matches('/');
-    if !allowed {
-        return SubackCode::Failure;
-    }
-    if !session.filters.iter().any(|f| f == filter) {
+/// The SUBACK code for one filter (azure-protocol.md 2.2), remembering what was granted.
+fn grant(
+    filter: &str,
+    requested: QoS,
+    identity: Identity<'_>,
+    session: &mut Session,
+) -> SubackCode {
+    let code = Subscription::suback_code(filter, requested, identity);
+    if matches!(code, SubackCode::Granted(_)) && !session.filters.iter().any(|f| f == filter) {
         session.filters.push(filter.to_owned());
     }
-    let granted = if requested == QoS::AtMostOnce {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-    SubackCode::Granted(granted)
+    code
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn telemetry_topics_of_the_identity_only() {
-        let prefix = "devices/d1/messages/events";
-        assert_eq!(
-            telemetry_bag("devices/d1/messages/events/", prefix),
-            Some("")
-        );
-        assert_eq!(
-            telemetry_bag("devices/d1/messages/events", prefix),
-            Some("")
-        );
-        assert_eq!(
-            telemetry_bag("devices/d1/messages/events/a=1&%24.ct=x", prefix),
-            Some("a=1&%24.ct=x")
-        );
-        assert_eq!(telemetry_bag("devices/d10/messages/events/", prefix), None);
-        assert_eq!(telemetry_bag("devices/d1/messages/eventsX", prefix), None);
-        assert_eq!(telemetry_bag("devices/d2/messages/events/", prefix), None);
-    }
 
     #[test]
     fn message_ids_are_unique_and_uuid_shaped() {
