@@ -428,29 +428,7 @@ fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 .success()?,
         ),
         DeviceCommand::List { top, connection } => {
-            let client = connection.client()?;
-            let mut all = Vec::new();
-            let mut continuation: Option<String> = None;
-            loop {
-                let headers: Vec<(&str, &str)> = continuation
-                    .as_deref()
-                    .map(|c| vec![("x-ms-continuation", c)])
-                    .unwrap_or_default();
-                let reply = client.request(Method::GET, "/devices?top=1000", &headers, None)?;
-                let next = reply.continuation.clone();
-                if let Value::Array(page) = reply.success()? {
-                    all.extend(page);
-                }
-                if top.is_some_and(|t| all.len() >= t) {
-                    all.truncate(top.unwrap_or(usize::MAX));
-                    break;
-                }
-                match next {
-                    Some(next) => continuation = Some(next),
-                    None => break,
-                }
-            }
-            print(&Value::Array(all))
+            print(&Value::Array(connection.client()?.list_devices(top)?))
         }
         DeviceCommand::Update {
             id,

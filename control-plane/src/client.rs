@@ -226,6 +226,32 @@ impl ServiceClient {
     }
 }
 
+impl ServiceClient {
+    /// Every device (up to `limit`), following the hub's continuation header page by page.
+    pub fn list_devices(&self, limit: Option<usize>) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut all = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let headers: Vec<(&str, &str)> = continuation
+                .as_deref()
+                .map(|c| vec![("x-ms-continuation", c)])
+                .unwrap_or_default();
+            let reply = self.request(Method::GET, "/devices?top=1000", &headers, None)?;
+            continuation = reply.continuation.clone();
+            if let serde_json::Value::Array(page) = reply.success()? {
+                all.extend(page);
+            }
+            if let Some(limit) = limit.filter(|l| all.len() >= *l) {
+                all.truncate(limit);
+                return Ok(all);
+            }
+            if continuation.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+}
+
 /// Percent-encodes an id for a path segment, as msrest does.
 pub fn segment(id: &str) -> String {
     sas::quote(id)

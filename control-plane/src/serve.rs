@@ -38,6 +38,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     tracing::info!("effective configuration:\n{}", config.to_toml());
     let data_dir = &config.data_dir;
     fsutil::create_private_dir(data_dir)
@@ -106,7 +107,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         http: config.http.clone(),
         engine: Some(engine.clone()),
     });
-    api::serve(listener, https_tls, state, shutdown_signal(), DRAIN).await;
+    api::serve(listener, https_tls, state, shutdown, DRAIN).await;
     // The data plane closes its connections and flushes every partition before exit.
     tokio::task::spawn_blocking(move || engine.shutdown())
         .await
@@ -145,21 +146,18 @@ fn start_engine(
     Ok(engine)
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now and returns the future that resolves on the
+/// first of them. Installed before anything listens: without a handler the default action kills
+/// the process, so a signal during start-up would skip the clean shutdown.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => {
-            tracing::error!("failed to install signal handlers; stop the hub with SIGKILL");
-            return std::future::pending().await;
-        }
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!("{name} received, shutting down");
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received, shutting down");
+    })
 }

@@ -187,6 +187,24 @@ impl Hub {
         ServiceClient::new(cs, Some(&self.ca())).expect("client")
     }
 
+    /// Registers a SAS device through the REST API and returns its raw primary key.
+    pub fn create_sas_device(&self, id: &str) -> Vec<u8> {
+        use base64::Engine as _;
+        let client = self.client("iothubowner");
+        let path = format!("/devices/{}", ingot_control_plane::client::segment(id));
+        let body = serde_json::json!({ "deviceId": id });
+        let reply = client
+            .request(hyper::Method::PUT, &path, &[], Some(&body))
+            .expect("request");
+        let doc = reply.success().expect("device created");
+        let key = doc["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .expect("a key");
+        base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .expect("base64 key")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -225,6 +243,17 @@ impl Drop for Hub {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A device SAS token valid for an hour, as the device SDK makes it.
+pub fn device_token(id: &str, key: &[u8]) -> String {
+    let expiry = ingot_control_plane::api::now_secs() + 3600;
+    ingot_engine::auth::sas::generate(&format!("localhost/devices/{id}"), key, expiry, None)
+}
+
+/// The MQTT username of a device, as the device SDK sends it.
+pub fn device_username(id: &str) -> String {
+    format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=ingot-tests")
 }
 
 /// A TLS client connection to `port` on 127.0.0.1, trusting `ca` (the hub's development CA) and

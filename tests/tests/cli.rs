@@ -319,7 +319,8 @@ fn operator_certificates_are_served() {
 #[test]
 fn a_data_directory_keeps_its_partition_count() {
     let mut hub = Hub::start(); // two shards, so two partitions
-    assert!(hub.terminate().success());
+    let status = hub.terminate();
+    assert!(status.success(), "{status}: {}", hub.log());
     let serve = |extra: &[&str]| {
         std::process::Command::new(ingot_bin())
             .args([

@@ -10,44 +10,21 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use hyper::Method;
-use ingot_control_plane::client::segment;
 use ingot_engine::auth::sas;
 use ingot_engine::store::{PartitionId, Reader, StartAt};
 use ingot_tests::mqtt_client::{Client, ConnectOptions, Received};
 use ingot_tests::Hub;
 
-/// Registers a SAS device and returns its raw primary key.
 fn create_device(hub: &Hub, id: &str) -> Vec<u8> {
-    let client = hub.client("iothubowner");
-    let body = serde_json::json!({"deviceId": id});
-    let reply = client
-        .request(
-            Method::PUT,
-            &format!("/devices/{}", segment(id)),
-            &[],
-            Some(&body),
-        )
-        .unwrap();
-    let doc = reply.success().unwrap();
-    let key = doc["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap();
-    base64::engine::general_purpose::STANDARD
-        .decode(key)
-        .unwrap()
+    hub.create_sas_device(id)
 }
 
 fn token(id: &str, key: &[u8]) -> String {
-    sas::generate(
-        &format!("localhost/devices/{id}"),
-        key,
-        ingot_control_plane::api::now_secs() + 3600,
-        None,
-    )
+    ingot_tests::device_token(id, key)
 }
 
 fn username(id: &str) -> String {
-    format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=ingot-tests")
+    ingot_tests::device_username(id)
 }
 
 fn connect(hub: &Hub, id: &str, key: &[u8]) -> Client {

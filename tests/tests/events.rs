@@ -8,37 +8,15 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use base64::Engine as _;
-use hyper::Method;
-use ingot_engine::auth::sas;
 use ingot_tests::mqtt_client::{Client, ConnectOptions, Received};
 use ingot_tests::Hub;
 
 fn device(hub: &Hub, id: &str) -> Client {
-    let client = hub.client("iothubowner");
-    let doc = client
-        .request(
-            Method::PUT,
-            &format!("/devices/{id}"),
-            &[],
-            Some(&serde_json::json!({})),
-        )
-        .unwrap()
-        .success()
-        .unwrap();
-    let key = doc["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap();
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(key)
-        .unwrap();
-    let token = sas::generate(
-        &format!("localhost/devices/{id}"),
-        &key,
-        ingot_control_plane::api::now_secs() + 600,
-        None,
+    let key = hub.create_sas_device(id);
+    let (user, token) = (
+        ingot_tests::device_username(id),
+        ingot_tests::device_token(id, &key),
     );
-    let user = format!("localhost/{id}/?api-version=2021-04-12");
     let mut mqtt = Client::plain(hub.mqtt_port).unwrap();
     let ack = mqtt
         .connect(&ConnectOptions::device(id, &user, &token))
@@ -141,7 +119,8 @@ fn damage_is_detected_by_verify_and_by_readers() {
     let mut mqtt = device(&hub, "d1");
     send(&mut mqtt, "d1", &[r#"{"a":1}"#, r#"{"a":2}"#, r#"{"a":3}"#]);
     drop(mqtt);
-    assert!(hub.terminate().success());
+    let status = hub.terminate();
+    assert!(status.success(), "{status}: {}", hub.log());
     let clean = hub.cli(&["log", "verify"]);
     assert!(
         clean.status.success(),
