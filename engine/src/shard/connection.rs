@@ -115,16 +115,26 @@ impl MessageIdSource {
         self.state.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    pub fn next_id(&mut self) -> String {
+    /// Appends a new id to `out` (no allocation when `out` has room).
+    pub fn write_id(&mut self, out: &mut String) {
+        use std::fmt::Write as _;
         let (a, b) = (self.next_u64(), self.next_u64());
-        format!(
+        let _ = write!(
+            out,
             "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
             a >> 32,
             (a >> 16) & 0xffff,
             a & 0xfff,
             0x8000 | (b >> 48) & 0x3fff,
             b & 0xffff_ffff_ffff
-        )
+        );
+    }
+
+    #[cfg(test)]
+    fn next_id(&mut self) -> String {
+        let mut id = String::new();
+        self.write_id(&mut id);
+        id
     }
 }
 
@@ -511,6 +521,10 @@ async fn serve(
         let mut disconnect = None;
         {
             let mut arena: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+            // Generated message ids are written into one string per batch (no allocation per
+            // message); `generated` says which arena slot takes which range of it.
+            let mut ids = String::new();
+            let mut generated: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
             let mut pending: Vec<Pending<'_>> = Vec::new();
             let mut message_ids = shard.message_ids.borrow_mut();
             while pending.len() < limits.inflight_count_max {
@@ -525,7 +539,6 @@ async fn serve(
                 };
                 let Some(frame) = rest.get(..len) else { break };
                 consumed += len;
-                last_packet = Instant::now();
                 let packet = match mqtt::decode(frame) {
                     Ok(packet) => packet,
                     Err(_) => {
@@ -580,8 +593,11 @@ async fn serve(
                             }
                         }
                         if !has_message_id {
-                            let id = message_ids.next_id();
-                            arena.push((Cow::Borrowed(property_name::MESSAGE_ID), Cow::Owned(id)));
+                            let start = ids.len();
+                            message_ids.write_id(&mut ids);
+                            generated.push((arena.len(), start..ids.len()));
+                            let name = Cow::Borrowed(property_name::MESSAGE_ID);
+                            arena.push((name, Cow::Borrowed("")));
                         }
                         let system_end = arena.len();
                         if publish.retain {
@@ -637,11 +653,21 @@ async fn serve(
                 }
             }
             drop(message_ids);
+            if consumed > 0 {
+                last_packet = Instant::now();
+            }
             if !pending.is_empty() {
-                let properties: Vec<PropertyRef<'_>> = arena
+                let mut properties: Vec<PropertyRef<'_>> = arena
                     .iter()
                     .map(|(name, value)| PropertyRef { name, value })
                     .collect();
+                for (slot, range) in &generated {
+                    if let (Some(property), Some(id)) =
+                        (properties.get_mut(*slot), ids.get(range.clone()))
+                    {
+                        property.value = id;
+                    }
+                }
                 let messages: Vec<MessageRef<'_>> = pending
                     .iter()
                     .map(|p| MessageRef {
