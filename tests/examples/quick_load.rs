@@ -7,7 +7,8 @@
 //! (perf/) is the tool for real measurements (latency histograms, peers, coordinated omission).
 //!
 //! `cargo build --release --bins --examples -p ingot-control-plane -p ingot-tests`
-//! `target/release/examples/quick_load --connections 100 --messages 2000 [--tls] [--fsync never]`
+//! `target/release/examples/quick_load --connections 100 --messages 2000 [--tls] [--fsync never]
+//! [--segment-mb 256]`
 
 #![allow(clippy::unwrap_used)]
 
@@ -35,7 +36,12 @@ fn main() {
     let payload = vec![b'x'; arg("--payload", "100").parse().unwrap()];
     let tls = std::env::args().any(|a| a == "--tls");
     let fsync = arg("--fsync", "always");
-    let hub = Hub::start_with(&[("INGOT_STORE__FSYNC", &fsync)]);
+    // The tests' harness uses 1 MiB segments; a load run wants the production size.
+    let segment_bytes = (arg("--segment-mb", "256").parse::<u64>().unwrap() << 20).to_string();
+    let hub = Hub::start_with(&[
+        ("INGOT_STORE__FSYNC", &fsync),
+        ("INGOT_STORE__SEGMENT_BYTES_MAX", &segment_bytes),
+    ]);
 
     let client = hub.client("iothubowner");
     let ids: Vec<String> = (0..connections).map(|i| format!("load-{i}")).collect();
