@@ -1,0 +1,171 @@
+//! The command line. Other scripts (`perf/compare`, CI) call these exact flag names, so a flag is
+//! only ever added, never renamed.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ingot-load",
+    version,
+    about = "Load generator and null MQTT sink for Ingot"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Connect N devices and publish telemetry for a duration; report throughput and latency.
+    Run(RunArgs),
+    /// A null MQTT broker: CONNACK 0, a PUBACK for every QoS 1 PUBLISH, PINGRESP; discards.
+    Sink(SinkArgs),
+    /// Open N idle authenticated connections; report the hub's memory per connection and the
+    /// connect rate.
+    Connections(ConnectionsArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// An Ingot hub: devices are created through its registry API and use SAS tokens.
+    Ingot,
+    /// Any MQTT 3.1.1 broker: client id, username, password and topic from templates.
+    Mqtt,
+}
+
+/// Who to connect to, as whom, and how fast: shared by `run` and `connections`.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    #[arg(long, value_enum, default_value = "ingot")]
+    pub target: Target,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Defaults to 1883, or 8883 with --tls.
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub tls: bool,
+    /// A PEM CA to trust for TLS (with --data-dir, the hub's development CA is the default).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// TLS server name; defaults to the hub's host name (ingot) or `localhost` (mqtt).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// A local hub's data directory: its registry access and development CA.
+    #[arg(long, env = "INGOT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A service connection string with RegistryWrite (instead of --data-dir).
+    #[arg(long)]
+    pub connection_string: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    #[arg(long, default_value = "load-")]
+    pub device_prefix: String,
+    /// New connections per second, over all threads.
+    #[arg(long, default_value_t = 1000.0)]
+    pub connect_rate: f64,
+    /// A connection that has no CONNACK after this many seconds counts as failed.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    #[arg(long, default_value_t = 300)]
+    pub keep_alive: u16,
+    /// mqtt target: client id template; `{i}` is the connection's index.
+    #[arg(long, default_value = "load-{i}")]
+    pub client_id: String,
+    /// mqtt target: username template.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// mqtt target: password template.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// mqtt target: topic template.
+    #[arg(long, default_value = "load/{i}")]
+    pub topic: String,
+    /// ingot target: a property bag appended to the telemetry topic (`a=1&b=x`), as the device
+    /// SDKs send application properties.
+    #[arg(long)]
+    pub properties: Option<String>,
+    /// Generator threads, each one event loop owning its share of the connections.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Pin generator thread k to the k-th CPU of this list (`1`, `0,1`, `2-5`).
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Write the result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// A name for this run in the summary and the JSON.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TargetArgs {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.tls { 8883 } else { 1883 })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: TargetArgs,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Payload bytes per PUBLISH.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// QoS 1: unacknowledged PUBLISHes per connection. QoS 0: PUBLISHes per write.
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    /// Messages per second over all connections (open loop, latency from the intended send
+    /// time); without it every connection sends as fast as its window allows.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Measured seconds, after the warm-up.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// SO_SNDBUF per connection in bytes; QoS 0 defaults to 65536 so that the count of sent
+    /// messages is not mostly the kernel's queue. 0 keeps the kernel's autotuning.
+    #[arg(long)]
+    pub send_buffer: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SinkArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long)]
+    pub port: u16,
+    /// Event-loop threads, each with its own SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Exit after this many seconds (default: run until killed).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    pub common: TargetArgs,
+    /// Loopback source addresses to spread connections over (each has its own port range).
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<std::net::IpAddr>,
+    /// The hub's process id, to read its resident memory before and after.
+    #[arg(long)]
+    pub hub_pid: Option<u32>,
+    /// Seconds to hold the connections open after the last CONNACK before measuring memory.
+    #[arg(long, default_value_t = 1.0)]
+    pub hold: f64,
+}
