@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
 
+use super::read_buffer::ReadBuffer;
 use super::{LiveConnection, Shard, ShardMsg};
 use crate::auth::device::{self, AuthFailure, Authenticated, Credential, Presented};
 use crate::iothub::property_bag::{PropertyName, SystemProperty};
@@ -231,7 +232,8 @@ async fn read_connect(
 ) -> Option<(Connected, Vec<u8>)> {
     let stats = &shard.shared.stats;
     let limits = &shard.shared.config.limits;
-    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    // A CONNECT is small: start with 4 KiB and double only if a client sends more.
+    let mut buf = vec![0u8; 4 * 1024];
     let mut filled = 0;
     let frame_len = loop {
         match mqtt::frame(&buf[..filled], limits.packet_bytes_max) {
@@ -246,7 +248,7 @@ async fn read_connect(
             if buf.len() >= limits.packet_bytes_max + READ_CHUNK_BYTES {
                 return None;
             }
-            buf.resize(buf.len() + READ_CHUNK_BYTES, 0);
+            buf.resize(buf.len() * 2, 0);
         }
         match transport.read(&mut buf[filled..]).await {
             Ok(0) | Err(_) => return None,
@@ -509,8 +511,7 @@ async fn serve(
         device_id: &connected.device_id,
         module_id: connected.module_id.as_deref(),
     };
-    let buf_max = limits.packet_bytes_max + READ_CHUNK_BYTES;
-    let mut buf = leftover;
+    let mut buf = ReadBuffer::new(leftover, limits.packet_bytes_max + READ_CHUNK_BYTES);
     let mut out = bytes::BytesMut::with_capacity(1024);
     let mut acks: Vec<PacketId> = Vec::with_capacity(limits.inflight_count_max);
     let mut last_packet = Instant::now();
@@ -528,7 +529,7 @@ async fn serve(
             let mut pending: Vec<Pending<'_>> = Vec::new();
             let mut message_ids = shard.message_ids.borrow_mut();
             while pending.len() < limits.inflight_count_max {
-                let rest = buf.get(consumed..).unwrap_or_default();
+                let rest = buf.data().get(consumed..).unwrap_or_default();
                 let len = match mqtt::frame(rest, limits.packet_bytes_max) {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
@@ -696,7 +697,7 @@ async fn serve(
         for id in acks.drain(..) {
             mqtt::encode_puback(&mut out, id);
         }
-        buf.drain(..consumed);
+        buf.consume(consumed);
         if !out.is_empty() {
             if let Err(e) = transport.write_all(&out).await {
                 return Ended::Io(e);
@@ -709,7 +710,7 @@ async fn serve(
             }
             return ended;
         }
-        if mqtt::frame(&buf, limits.packet_bytes_max)
+        if mqtt::frame(buf.data(), limits.packet_bytes_max)
             .ok()
             .flatten()
             .is_some()
@@ -726,14 +727,12 @@ async fn serve(
                 token_expired = true;
             }
         }
-        let filled = buf.len();
-        if filled >= buf_max {
+        let Some(spare) = buf.spare() else {
             return Ended::Violation("packet larger than the limit");
-        }
-        buf.resize((filled + READ_CHUNK_BYTES).min(buf_max), 0);
+        };
         let wait = deadline.saturating_duration_since(Instant::now());
         let wake = futures_lite::future::or(
-            async { Wake::Read(transport.read(&mut buf[filled..]).await) },
+            async { Wake::Read(transport.read(spare).await) },
             futures_lite::future::or(
                 async {
                     match close_rx.recv().await {
@@ -750,7 +749,7 @@ async fn serve(
         .await;
         match wake {
             Wake::Read(Ok(0)) => return Ended::ClientClosed,
-            Wake::Read(Ok(n)) => buf.truncate(filled + n),
+            Wake::Read(Ok(n)) => buf.filled_by(n),
             Wake::Read(Err(e)) => return Ended::Io(e),
             Wake::Close(reason) => return Ended::Closed(reason),
             Wake::Deadline if token_expired => return Ended::TokenExpired,

@@ -13,6 +13,7 @@
 //! cross-thread waker, so an idle shard sleeps until work arrives.
 
 mod connection;
+mod read_buffer;
 mod stats;
 
 use std::cell::{Cell, RefCell};
