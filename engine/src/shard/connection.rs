@@ -29,7 +29,7 @@ use crate::net::handoff;
 use crate::net::tls::TlsStream;
 use crate::net::transport::Transport;
 use crate::store::format::property_name;
-use crate::store::{MessageRef, PropertyRef};
+use crate::store::{Fsync, MessageRef, PropertyRef};
 
 /// Bytes read per read call.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -520,6 +520,7 @@ async fn serve(
         // Decode every complete packet, append the telemetry among them, acknowledge.
         let mut consumed = 0;
         let mut disconnect = None;
+        let mut ticket: Option<u64> = None;
         {
             let mut arena: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
             // Generated message ids are written into one string per batch (no allocation per
@@ -683,17 +684,39 @@ async fn serve(
                         "partition {partition} is not owned by this shard"
                     ));
                 };
-                if let Err(e) = log.append_batch(&messages, super::stats::now_ms()) {
+                // Under `always`, append now and flush together with the other connections'
+                // batches below (group commit); other policies need no flush per batch.
+                let group = log.fsync() == Fsync::Always;
+                let now_ms = super::stats::now_ms();
+                let appended = if group {
+                    log.append_batch_deferred(&messages, now_ms)
+                } else {
+                    log.append_batch(&messages, now_ms)
+                };
+                if let Err(e) = appended {
                     stats.append_errors.fetch_add(1, Relaxed);
                     // Nothing of this batch is acknowledged; the device will resend.
                     return Ended::Store(e.to_string());
+                }
+                if group {
+                    ticket = shard.commits.get(&partition.0).map(|c| c.ticket());
                 }
                 stats.messages_in.fetch_add(messages.len() as u64, Relaxed);
                 let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
                 stats.message_bytes_in.fetch_add(bytes as u64, Relaxed);
             }
         }
-        // Acknowledge only what is appended, in the order it arrived.
+        if let (Some(ticket), Some(commit)) = (ticket.take(), shard.commits.get(&partition.0)) {
+            let flush = || match shard.partitions.borrow_mut().get_mut(&partition.0) {
+                Some(log) => log.flush(),
+                None => Ok(()),
+            };
+            if let Err(e) = commit.durable(ticket, flush).await {
+                stats.append_errors.fetch_add(1, Relaxed);
+                return Ended::Store(e.to_string());
+            }
+        }
+        // Acknowledge only what is appended (and flushed, as the policy promises), in order.
         for id in acks.drain(..) {
             mqtt::encode_puback(&mut out, id);
         }

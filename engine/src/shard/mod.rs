@@ -13,6 +13,7 @@
 //! cross-thread waker, so an idle shard sleeps until work arrives.
 
 mod connection;
+mod group_commit;
 mod read_buffer;
 mod stats;
 
@@ -259,6 +260,8 @@ struct LiveConnection {
 struct Shard {
     shared: ShardShared,
     partitions: RefCell<HashMap<u32, PartitionLog>>,
+    /// Group commit state per partition, used under `fsync = always`.
+    commits: HashMap<u32, group_commit::GroupCommit>,
     /// Live connections by identity (`device` or `device/module`): one per identity.
     live: RefCell<HashMap<String, LiveConnection>>,
     /// Subscriptions of clean-session-0 clients, by client id, kept across reconnects.
@@ -291,6 +294,10 @@ async fn run_shard(
     let per_shard_rate = (config.limits.connect_rate_per_sec / shared.shard_count as u32).max(1);
     let seed = shared.id as u64;
     let shard = Rc::new(Shard {
+        commits: partitions
+            .iter()
+            .map(|p| (p.id().0, group_commit::GroupCommit::default()))
+            .collect(),
         partitions: RefCell::new(partitions.into_iter().map(|p| (p.id().0, p)).collect()),
         shared,
         live: RefCell::default(),

@@ -253,6 +253,22 @@ impl PartitionLog {
         batch: &[MessageRef<'_>],
         now_ms: u64,
     ) -> Result<OffsetRange, StoreError> {
+        let range = self.append_batch_deferred(batch, now_ms)?;
+        if self.config.fsync == Fsync::Always {
+            self.flush_active()?;
+        }
+        Ok(range)
+    }
+
+    /// Like [`PartitionLog::append_batch`], but leaves the flush that `Fsync::Always` promises
+    /// to the caller, who covers several batches (several connections' worth) with one
+    /// [`PartitionLog::flush`]: group commit. The batch must not be acknowledged before that
+    /// flush returns. (A roll in between flushes the segment it seals, so nothing escapes.)
+    pub fn append_batch_deferred(
+        &mut self,
+        batch: &[MessageRef<'_>],
+        now_ms: u64,
+    ) -> Result<OffsetRange, StoreError> {
         if self.helper.take_sync_failure() {
             return Err(StoreError::io(
                 "flush (in the background)",
@@ -315,13 +331,15 @@ impl PartitionLog {
         // Index entries are derived data (rebuilt by recovery): a failed write is not a failed
         // append.
         let _ = self.active.index.write_pending();
-        if self.config.fsync == Fsync::Always {
-            self.flush_active()?;
-        }
         Ok(OffsetRange {
             start,
             end: self.next_offset,
         })
+    }
+
+    /// The durability policy this partition was opened with.
+    pub fn fsync(&self) -> Fsync {
+        self.config.fsync
     }
 
     /// Flushes what the active segment holds (`msync`), whatever the policy: for shutdown.
