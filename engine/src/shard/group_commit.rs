@@ -66,7 +66,7 @@ mod tests {
         let commit = Rc::new(GroupCommit::default());
         let flushes = Rc::new(RefCell::new(0));
         let done = Rc::new(RefCell::new(Vec::new()));
-        let executor = futures_lite::future::block_on(async {
+        futures_lite::future::block_on(async {
             let mut tasks = Vec::new();
             for i in 0..5 {
                 let (commit, flushes, done) = (commit.clone(), flushes.clone(), done.clone());
@@ -91,7 +91,6 @@ mod tests {
             )
             .await;
         });
-        let _ = executor;
         assert_eq!(done.borrow().len(), 5);
         assert_eq!(*flushes.borrow(), 1, "five batches, one flush");
     }
