@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use rustls::pki_types::ServerName;
 use serde_json::json;
 
 use crate::cli::ConnectionsArgs;
-use crate::generator::{client_tls, resolve, Plan, Session, TlsPlan, PHASE_WARMUP};
+use crate::generator::{resolve, Plan, Session, PHASE_WARMUP};
 use crate::report;
 
 pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
@@ -24,21 +23,7 @@ pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     if common.devices == 0 {
         bail!("--devices must be at least 1");
     }
-    let cpus = common
-        .cpus
-        .as_deref()
-        .map(crate::pin::parse_cpus)
-        .transpose()?;
-    let fleet = crate::fleet::prepare(common)?;
-    let tls = if common.tls {
-        Some(TlsPlan {
-            config: client_tls(fleet.ca.as_deref())?,
-            server_name: ServerName::try_from(fleet.server_name.clone())
-                .context("the TLS server name is not valid")?,
-        })
-    } else {
-        None
-    };
+    let (cpus, fleet, tls) = crate::generator::prepare_target(common)?;
     let plan = Arc::new(Plan {
         addr: resolve(&common.host, common.port())?,
         tls,

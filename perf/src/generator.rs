@@ -88,6 +88,47 @@ pub fn client_tls(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>
     Ok(Arc::new(config))
 }
 
+/// What `run` and `connections` both need before connecting: the CPUs to pin to, the fleet of
+/// devices, and the TLS plan when `--tls` is given.
+pub fn prepare_target(
+    common: &crate::cli::TargetArgs,
+) -> anyhow::Result<(Option<Vec<usize>>, crate::fleet::Fleet, Option<TlsPlan>)> {
+    let cpus = common
+        .cpus
+        .as_deref()
+        .map(crate::pin::parse_cpus)
+        .transpose()?;
+    let fleet = crate::fleet::prepare(common)?;
+    let tls = if common.tls {
+        Some(TlsPlan {
+            config: client_tls(fleet.ca.as_deref())?,
+            server_name: ServerName::try_from(fleet.server_name.clone())
+                .context("the TLS server name is not valid")?,
+        })
+    } else {
+        None
+    };
+    Ok((cpus, fleet, tls))
+}
+
+/// A non-blocking, close-on-exec TCP socket of `addr`'s family (the generator's connections
+/// and the sink's listeners).
+pub fn nonblocking_socket(addr: &SocketAddr) -> io::Result<rustix::fd::OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    Ok(rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        flags,
+        None,
+    )?)
+}
+
 /// Resolves `host:port` to the first address.
 pub fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
     (host, port)
@@ -390,21 +431,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
             bail!("--rate must be positive");
         }
     }
-    let cpus = common
-        .cpus
-        .as_deref()
-        .map(crate::pin::parse_cpus)
-        .transpose()?;
-    let fleet = crate::fleet::prepare(common)?;
-    let tls = if common.tls {
-        Some(TlsPlan {
-            config: client_tls(fleet.ca.as_deref())?,
-            server_name: ServerName::try_from(fleet.server_name.clone())
-                .context("the TLS server name is not valid")?,
-        })
-    } else {
-        None
-    };
+    let (cpus, fleet, tls) = prepare_target(common)?;
     let send_buffer = match args.send_buffer {
         Some(0) => None,
         Some(bytes) => Some(bytes),
@@ -1166,18 +1193,8 @@ fn connect_socket(
     source: Option<IpAddr>,
     send_buffer_bytes: Option<usize>,
 ) -> io::Result<TcpStream> {
-    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
-    let family = if addr.is_ipv4() {
-        AddressFamily::INET
-    } else {
-        AddressFamily::INET6
-    };
-    let fd = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
+    use rustix::net::sockopt;
+    let fd = nonblocking_socket(&addr)?;
     sockopt::set_tcp_nodelay(&fd, true)?;
     if let Some(bytes) = send_buffer_bytes {
         sockopt::set_socket_send_buffer_size(&fd, bytes)?;

@@ -104,18 +104,8 @@ pub fn run(args: &SinkArgs) -> anyhow::Result<()> {
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
-    let family = if addr.is_ipv4() {
-        AddressFamily::INET
-    } else {
-        AddressFamily::INET6
-    };
-    let fd = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
+    use rustix::net::sockopt;
+    let fd = crate::generator::nonblocking_socket(&addr)?;
     sockopt::set_socket_reuseaddr(&fd, true)?;
     sockopt::set_socket_reuseport(&fd, true)?;
     rustix::net::bind(&fd, &addr)?;
