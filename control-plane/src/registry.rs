@@ -228,11 +228,20 @@ impl Registry {
         Ok(out)
     }
 
-    pub fn device(&self, id: &str) -> Result<Option<Device>, RegistryError> {
+    /// One record of a string-keyed table, decoded, in its own read transaction.
+    fn record<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, RegistryError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(DEVICES)?;
-        let guard = table.get(id)?;
+        let table = txn.open_table(table)?;
+        let guard = table.get(key)?;
         guard.map(|g| decode(g.value())).transpose()
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<Device>, RegistryError> {
+        self.record(DEVICES, id)
     }
 
     pub fn create_device(&self, spec: DeviceSpec) -> Result<Device, RegistryError> {
@@ -468,10 +477,7 @@ impl Registry {
     }
 
     pub fn certificate(&self, name: &str) -> Result<Option<CaCertificate>, RegistryError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(CERTIFICATES)?;
-        let guard = table.get(name)?;
-        guard.map(|g| decode(g.value())).transpose()
+        self.record(CERTIFICATES, name)
     }
 
     pub fn certificates(&self) -> Result<Vec<CaCertificate>, RegistryError> {
