@@ -27,6 +27,24 @@ pub const IDENTITIES_MAX: u64 = 10_000_000;
 pub const SAS_CLOCK_SKEW_SECS: u64 = 300;
 /// Device-to-cloud message size, body plus properties.
 pub const D2C_MESSAGE_BYTES_MAX: usize = 256 * 1024;
+/// Twin `tags` size: the sum of key lengths and value sizes (strings count their UTF-8 bytes,
+/// numbers 8, booleans 4), as Azure measures it.
+pub const TWIN_TAGS_BYTES_MAX: usize = 8 * 1024;
+/// Twin `properties.desired` size, measured like [`TWIN_TAGS_BYTES_MAX`] without `$metadata`
+/// and `$version`.
+pub const TWIN_DESIRED_BYTES_MAX: usize = 32 * 1024;
+/// Twin `properties.reported` size, measured like [`TWIN_DESIRED_BYTES_MAX`].
+pub const TWIN_REPORTED_BYTES_MAX: usize = 32 * 1024;
+/// Longest twin property name (key), in UTF-8 bytes.
+pub const TWIN_KEY_BYTES_MAX: usize = 1024;
+/// Longest twin string value, in UTF-8 bytes.
+pub const TWIN_STRING_BYTES_MAX: usize = 4 * 1024;
+/// Nesting of objects below the root of `tags`, `desired` or `reported`.
+pub const TWIN_DEPTH_MAX: usize = 10;
+/// Largest integer a twin may hold (2^52 - 1); the smallest is `-(2^52)`.
+pub const TWIN_INT_MAX: i64 = 4_503_599_627_370_495;
+/// See [`TWIN_INT_MAX`].
+pub const TWIN_INT_MIN: i64 = -4_503_599_627_370_496;
 
 const _: () = assert!(SYMMETRIC_KEY_BYTES_MIN <= SYMMETRIC_KEY_BYTES_GENERATED);
 const _: () = assert!(SYMMETRIC_KEY_BYTES_GENERATED <= SYMMETRIC_KEY_BYTES_MAX);
