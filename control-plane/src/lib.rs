@@ -19,3 +19,4 @@ pub mod policy;
 pub mod registry;
 pub mod serve;
 pub mod tls;
+pub mod twin;
