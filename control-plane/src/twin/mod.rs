@@ -11,7 +11,7 @@
 
 mod error;
 mod merge;
-
+pub mod query;
 mod validate;
 
 use base64::Engine as _;
