@@ -20,7 +20,8 @@ impl Section {
         }
     }
 
-    /// The largest size of the section (see [`super::validate::size`] for how it is measured).
+    /// The largest size of the section: the sum of key lengths and value sizes (strings by UTF-8
+    /// length, numbers 8 bytes, booleans 4) without `$metadata` and `$version`.
     pub fn max_bytes(self) -> usize {
         use ingot_engine::limits::{
             TWIN_DESIRED_BYTES_MAX, TWIN_REPORTED_BYTES_MAX, TWIN_TAGS_BYTES_MAX,
