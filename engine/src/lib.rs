@@ -12,5 +12,6 @@ pub mod iothub;
 pub mod limits;
 pub mod mqtt;
 pub mod net;
+pub mod services;
 pub mod shard;
 pub mod store;

@@ -45,6 +45,20 @@ pub const TWIN_DEPTH_MAX: usize = 10;
 pub const TWIN_INT_MAX: i64 = 4_503_599_627_370_495;
 /// See [`TWIN_INT_MAX`].
 pub const TWIN_INT_MIN: i64 = -4_503_599_627_370_496;
+/// Cloud-to-device message body.
+pub const C2D_MESSAGE_BYTES_MAX: usize = 64 * 1024;
+/// Messages waiting in one device's C2D queue (403004 beyond).
+pub const C2D_QUEUE_DEPTH: usize = 50;
+/// Direct method request and response payloads.
+pub const METHOD_PAYLOAD_BYTES_MAX: usize = 128 * 1024;
+/// Direct method `responseTimeoutInSeconds` range and default.
+pub const METHOD_RESPONSE_TIMEOUT_SECS: (u64, u64, u64) = (5, 300, 30);
+/// Direct method `connectTimeoutInSeconds` maximum (the default is 0).
+pub const METHOD_CONNECT_TIMEOUT_SECS_MAX: u64 = 300;
+/// Largest page of a twin query (`x-ms-max-item-count`), and the default page.
+pub const QUERY_PAGE_MAX: usize = 1000;
+/// See [`QUERY_PAGE_MAX`].
+pub const QUERY_PAGE_DEFAULT: usize = 100;
 
 const _: () = assert!(SYMMETRIC_KEY_BYTES_MIN <= SYMMETRIC_KEY_BYTES_GENERATED);
 const _: () = assert!(SYMMETRIC_KEY_BYTES_GENERATED <= SYMMETRIC_KEY_BYTES_MAX);

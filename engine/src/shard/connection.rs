@@ -10,6 +10,7 @@
 //! packet plus one read, and a batch at most `inflight_count_max` messages.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -28,6 +29,7 @@ use crate::mqtt::{self, ConnectReturnCode, Packet, PacketId, PublishQos, QoS, Su
 use crate::net::handoff;
 use crate::net::tls::TlsStream;
 use crate::net::transport::Transport;
+use crate::services::{DeviceEvent, IdentityKey, MethodOutcome, Outbound, SubscriptionSet};
 use crate::store::format::property_name;
 use crate::store::{Fsync, MessageRef, PropertyRef};
 
@@ -36,6 +38,13 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// The hub closes a connection after 1.5 x its keepalive, and never waits longer than this
 /// (Azure's cap), so a keepalive of 0 does not make a half-open connection immortal.
 const KEEPALIVE_CAP: Duration = Duration::from_secs(1767);
+/// Messages from the control plane waiting for one connection (twin responses, desired patches,
+/// method calls, C2D messages); more are dropped and counted, or refused (method calls).
+const OUTBOUND_DEPTH: usize = 64;
+/// Direct method calls in flight on one connection.
+const METHODS_IN_FLIGHT_MAX: usize = 1024;
+/// C2D messages sent and not yet acknowledged on one connection (a queue holds at most 50).
+const C2D_IN_FLIGHT_MAX: usize = 64;
 
 /// Why the shard closes a live connection from outside its loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +405,7 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
     let id = shard.next_connection_id.get();
     shard.next_connection_id.set(id + 1);
     let (close_tx, close_rx) = async_channel::bounded(1);
+    let (outbound_tx, outbound_rx) = async_channel::bounded(OUTBOUND_DEPTH);
     let previous = shard.live.borrow_mut().insert(
         key.clone(),
         LiveConnection {
@@ -403,14 +413,29 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
             credential: connected.credential.clone(),
             method: connected.auth.method,
             close: close_tx,
+            outbound: outbound_tx,
         },
     );
     if let Some(previous) = previous {
         stats.replaced.fetch_add(1, Relaxed);
         let _ = previous.close.try_send(CloseReason::Replaced);
     }
+    let identity_key = IdentityKey::new(&connected.device_id, connected.module_id.as_deref());
+    let events = &shard.shared.events;
     let (mut session, present) = if connected.clean_session {
-        shard.sessions.borrow_mut().remove(&connected.client_id);
+        if shard
+            .sessions
+            .borrow_mut()
+            .remove(&connected.client_id)
+            .is_some()
+        {
+            let client_id = connected.client_id.clone();
+            let ended = DeviceEvent::Session {
+                client_id,
+                filters: None,
+            };
+            let _ = events.send(ended).await;
+        }
         (Session::default(), false)
     } else {
         match shard.sessions.borrow_mut().remove(&connected.client_id) {
@@ -423,13 +448,30 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
     stats.connects_ok.fetch_add(1, Relaxed);
 
     connack(&mut transport, present, ConnectReturnCode::Accepted).await;
+    let identity = Identity {
+        device_id: &connected.device_id,
+        module_id: connected.module_id.as_deref(),
+    };
+    let _ = events
+        .send(DeviceEvent::Connected {
+            identity: identity_key.clone(),
+            connection: id,
+            subscriptions: subscriptions(&session.filters, identity),
+        })
+        .await;
+    let channels = Channels {
+        close: &close_rx,
+        outbound: &outbound_rx,
+        connection: id,
+        identity: &identity_key,
+    };
     let ended = serve(
         &shard,
         &mut transport,
         &connected,
         &mut session,
         leftover,
-        &close_rx,
+        channels,
     )
     .await;
     let device = &connected.device_id;
@@ -459,6 +501,214 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
         .set(shard.open_connections.get().saturating_sub(1));
     stats.connections_open.fetch_sub(1, Relaxed);
     transport.close().await;
+    let _ = events
+        .send(DeviceEvent::Disconnected {
+            identity: identity_key,
+            connection: id,
+        })
+        .await;
+}
+
+/// The channels of one live connection besides its socket.
+#[derive(Clone, Copy)]
+struct Channels<'a> {
+    close: &'a async_channel::Receiver<CloseReason>,
+    outbound: &'a async_channel::Receiver<Outbound>,
+    connection: u64,
+    identity: &'a IdentityKey,
+}
+
+/// What a connection tracks of the messages it sent to the device.
+#[derive(Default)]
+struct InFlight {
+    /// Direct method calls by `$rid`, waiting for `$iothub/methods/res/`.
+    methods: HashMap<String, async_channel::Sender<MethodOutcome>>,
+    next_rid: u64,
+    /// C2D messages by packet id, waiting for PUBACK: the lock token of each.
+    c2d: HashMap<u16, u64>,
+    next_packet_id: u16,
+}
+
+/// The subscriptions among `filters` that the control plane acts on.
+fn subscriptions(filters: &[String], identity: Identity<'_>) -> SubscriptionSet {
+    let mut set = SubscriptionSet::default();
+    for filter in filters {
+        match Subscription::parse(filter, identity) {
+            Some(Subscription::CloudToDevice) => set.cloud_to_device = true,
+            Some(Subscription::MethodRequests) => set.methods = true,
+            Some(Subscription::TwinDesiredPatches) => set.desired_patches = true,
+            Some(Subscription::TwinResponses) => set.twin_responses = true,
+            Some(Subscription::ModuleInputs) | None => {}
+        }
+    }
+    set
+}
+
+/// Hands a message from the control plane to the identity's live connection (only
+/// `connection`, when given); refuses it when there is none or its queue is full.
+pub fn deliver(shard: &Shard, identity: &IdentityKey, connection: Option<u64>, message: Outbound) {
+    let key = identity_key(&identity.device_id, identity.module_id.as_deref());
+    let refused = {
+        let live = shard.live.borrow();
+        match live
+            .get(&key)
+            .filter(|c| connection.is_none_or(|id| c.id == id))
+        {
+            Some(live) => live
+                .outbound
+                .try_send(message)
+                .err()
+                .map(|e| e.into_inner()),
+            None => Some(message),
+        }
+    };
+    match refused {
+        None => {}
+        Some(Outbound::Method { reply, .. }) => {
+            let _ = reply.try_send(MethodOutcome::NotOnline);
+        }
+        Some(_) => {
+            shard.shared.stats.outbound_dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Encodes a message from the control plane for the device, into `out`.
+fn send_outbound(
+    message: Outbound,
+    set: SubscriptionSet,
+    in_flight: &mut InFlight,
+    stats: &super::Stats,
+    out: &mut bytes::BytesMut,
+) {
+    let mut topic = String::new();
+    let (payload, qos) = match message {
+        Outbound::TwinResponse {
+            status,
+            rid,
+            version,
+            body,
+        } => {
+            crate::iothub::push_twin_response_topic(&mut topic, status, &rid, version);
+            (body, PublishQos::AtMostOnce)
+        }
+        // The hub does not queue patches for a device that has not subscribed: it re-reads the
+        // twin after subscribing (azure-protocol.md 2.5).
+        Outbound::DesiredPatch { version, body } => {
+            if !set.desired_patches {
+                return;
+            }
+            crate::iothub::push_desired_patch_topic(&mut topic, version);
+            (body, PublishQos::AtMostOnce)
+        }
+        Outbound::Method {
+            name,
+            payload,
+            reply,
+        } => {
+            if !set.methods {
+                let _ = reply.try_send(MethodOutcome::NotOnline);
+                return;
+            }
+            if in_flight.methods.len() >= METHODS_IN_FLIGHT_MAX {
+                // Calls the service gave up on are forgotten here, before refusing.
+                in_flight.methods.retain(|_, reply| !reply.is_closed());
+                if in_flight.methods.len() >= METHODS_IN_FLIGHT_MAX {
+                    let _ = reply.try_send(MethodOutcome::Busy);
+                    return;
+                }
+            }
+            in_flight.next_rid += 1;
+            let rid = format!("{:x}", in_flight.next_rid);
+            crate::iothub::push_method_request_topic(&mut topic, &name, &rid);
+            in_flight.methods.insert(rid, reply);
+            (payload, PublishQos::AtMostOnce)
+        }
+        Outbound::C2d {
+            lock_token,
+            topic: c2d_topic,
+            body,
+        } => {
+            // Not subscribed yet, or too many in flight: the message stays in the device's
+            // queue and the control plane delivers it again.
+            if !set.cloud_to_device || in_flight.c2d.len() >= C2D_IN_FLIGHT_MAX {
+                stats.outbound_dropped.fetch_add(1, Relaxed);
+                return;
+            }
+            let id = loop {
+                in_flight.next_packet_id = in_flight.next_packet_id.wrapping_add(1);
+                let candidate = in_flight.next_packet_id;
+                if candidate != 0 && !in_flight.c2d.contains_key(&candidate) {
+                    break candidate;
+                }
+            };
+            let Some(packet_id) = PacketId::new(id) else {
+                return;
+            };
+            in_flight.c2d.insert(id, lock_token);
+            stats.c2d_delivered.fetch_add(1, Relaxed);
+            topic = c2d_topic;
+            (body, PublishQos::AtLeastOnce(packet_id))
+        }
+    };
+    let publish = mqtt::Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: &topic,
+        payload: &payload,
+    };
+    if mqtt::encode_publish(out, &publish).is_err() {
+        stats.outbound_dropped.fetch_add(1, Relaxed);
+    }
+}
+
+/// Passes a twin request to the control plane, or answers 429 at once when its queue is full.
+fn twin_request(
+    shard: &Shard,
+    channels: Channels<'_>,
+    rid: &str,
+    patch: Option<&[u8]>,
+    out: &mut bytes::BytesMut,
+) {
+    let identity = channels.identity.clone();
+    let connection = channels.connection;
+    let rid_owned = rid.to_owned();
+    let event = match patch {
+        None => DeviceEvent::TwinGet {
+            identity,
+            connection,
+            rid: rid_owned,
+        },
+        Some(body) => DeviceEvent::TwinReportedPatch {
+            identity,
+            connection,
+            rid: rid_owned,
+            body: body.to_vec(),
+        },
+    };
+    if shard.shared.events.try_send(event).is_err() {
+        shard
+            .shared
+            .stats
+            .twin_requests_throttled
+            .fetch_add(1, Relaxed);
+        let body =
+            br#"{"errorCode":429001,"message":"The hub is busy; retry the twin operation."}"#;
+        let message = Outbound::TwinResponse {
+            status: 429,
+            rid: rid.to_owned(),
+            version: None,
+            body: body.to_vec(),
+        };
+        send_outbound(
+            message,
+            SubscriptionSet::default(),
+            &mut InFlight::default(),
+            &shard.shared.stats,
+            out,
+        );
+    }
 }
 
 /// How a session ended.
@@ -477,6 +727,7 @@ enum Ended {
 enum Wake {
     Read(std::io::Result<usize>),
     Close(CloseReason),
+    Outbound(Outbound),
     Deadline,
 }
 
@@ -493,8 +744,10 @@ async fn serve(
     connected: &Connected,
     session: &mut Session,
     leftover: Vec<u8>,
-    close_rx: &async_channel::Receiver<CloseReason>,
+    channels: Channels<'_>,
 ) -> Ended {
+    let close_rx = channels.close;
+    let mut in_flight = InFlight::default();
     let limits = &shard.shared.config.limits;
     let stats = &shard.shared.stats;
     let partition = shard.partition_of(&connected.device_id);
@@ -566,10 +819,32 @@ async fn serve(
                                 ));
                                 break;
                             }
-                            // Twin and method topics are served with issue #6; until then a
-                            // publish to them closes the connection rather than being
-                            // acknowledged and dropped.
-                            _ => {
+                            PublishTopic::TwinGet { rid } => {
+                                twin_request(shard, channels, rid, None, &mut out);
+                                acks.extend(packet_id);
+                                continue;
+                            }
+                            PublishTopic::TwinReportedPatch { rid, .. } => {
+                                let body = Some(publish.payload);
+                                twin_request(shard, channels, rid, body, &mut out);
+                                acks.extend(packet_id);
+                                continue;
+                            }
+                            PublishTopic::MethodResponse { status, rid } => {
+                                match in_flight.methods.remove(rid) {
+                                    Some(reply) => {
+                                        let payload = publish.payload.to_vec();
+                                        let answer = MethodOutcome::Response { status, payload };
+                                        let _ = reply.try_send(answer);
+                                    }
+                                    None => {
+                                        stats.method_responses_unmatched.fetch_add(1, Relaxed);
+                                    }
+                                }
+                                acks.extend(packet_id);
+                                continue;
+                            }
+                            PublishTopic::Unknown => {
                                 disconnect = Some(Ended::Violation("unsupported topic"));
                                 break;
                             }
@@ -625,25 +900,46 @@ async fn serve(
                         }
                     }
                     Packet::Subscribe(subscribe) => {
+                        let before = session.filters.len();
                         let codes: Vec<SubackCode> = subscribe
                             .filters()
                             .map(|(filter, qos)| grant(filter, qos, identity, session))
                             .collect();
                         let _ = mqtt::encode_suback(&mut out, subscribe.packet_id, &codes);
+                        if session.filters.len() != before {
+                            subscriptions_changed(shard, connected, channels, session);
+                        }
                     }
                     Packet::Unsubscribe(unsubscribe) => {
+                        let before = session.filters.len();
                         for filter in unsubscribe.filters() {
                             session.filters.retain(|f| f != filter);
                         }
                         mqtt::encode_unsuback(&mut out, unsubscribe.packet_id);
+                        if session.filters.len() != before {
+                            subscriptions_changed(shard, connected, channels, session);
+                        }
                     }
                     Packet::Pingreq => mqtt::encode_pingresp(&mut out),
                     Packet::Disconnect => {
                         disconnect = Some(Ended::ClientDisconnected);
                         break;
                     }
-                    // Acknowledgements of cloud-to-device messages (none are sent yet).
-                    Packet::Puback(_) => {}
+                    // The device completed a cloud-to-device message.
+                    Packet::Puback(packet_id) => {
+                        if let Some(lock_token) = in_flight.c2d.remove(&packet_id.get()) {
+                            stats.c2d_completed.fetch_add(1, Relaxed);
+                            let completed = DeviceEvent::C2dCompleted {
+                                identity: channels.identity.clone(),
+                                lock_token,
+                            };
+                            // Lost only when the control plane is far behind: the message is
+                            // then delivered again (at least once, as Azure's C2D is).
+                            if shard.shared.events.try_send(completed).is_err() {
+                                stats.outbound_dropped.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
                     Packet::Connect(_) => {
                         disconnect = Some(Ended::Violation("second CONNECT"));
                         break;
@@ -757,12 +1053,22 @@ async fn serve(
         let wake = futures_lite::future::or(
             async { Wake::Read(transport.read(spare).await) },
             futures_lite::future::or(
-                async {
-                    match close_rx.recv().await {
-                        Ok(reason) => Wake::Close(reason),
-                        Err(_) => Wake::Close(CloseReason::Shutdown),
-                    }
-                },
+                futures_lite::future::or(
+                    async {
+                        match close_rx.recv().await {
+                            Ok(reason) => Wake::Close(reason),
+                            Err(_) => Wake::Close(CloseReason::Shutdown),
+                        }
+                    },
+                    async {
+                        match channels.outbound.recv().await {
+                            Ok(message) => Wake::Outbound(message),
+                            // Never closed while this loop holds the receiver and the shard
+                            // holds the sender; wait for the other wake-ups.
+                            Err(_) => std::future::pending().await,
+                        }
+                    },
+                ),
                 async {
                     glommio::timer::sleep(wait).await;
                     Wake::Deadline
@@ -775,6 +1081,15 @@ async fn serve(
             Wake::Read(Ok(n)) => buf.filled_by(n),
             Wake::Read(Err(e)) => return Ended::Io(e),
             Wake::Close(reason) => return Ended::Closed(reason),
+            Wake::Outbound(message) => {
+                // Take what else is queued too (bounded by the queue's depth), then write it all
+                // in one go at the top of the loop.
+                let set = subscriptions(&session.filters, identity);
+                send_outbound(message, set, &mut in_flight, stats, &mut out);
+                while let Ok(message) = channels.outbound.try_recv() {
+                    send_outbound(message, set, &mut in_flight, stats, &mut out);
+                }
+            }
             Wake::Deadline if token_expired => return Ended::TokenExpired,
             Wake::Deadline => {
                 stats.keepalive_timeouts.fetch_add(1, Relaxed);
@@ -809,6 +1124,37 @@ fn stamp<'a>(arena: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>, connected: &'a Conne
             Cow::Borrowed(property_name::DATA_SCHEMA),
             Cow::Borrowed(model),
         ));
+    }
+}
+
+/// Tells the control plane what the connection now subscribes to, and persists a
+/// clean-session-0 client's filters.
+fn subscriptions_changed(
+    shard: &Shard,
+    connected: &Connected,
+    channels: Channels<'_>,
+    session: &Session,
+) {
+    let identity = Identity {
+        device_id: &connected.device_id,
+        module_id: connected.module_id.as_deref(),
+    };
+    let events = &shard.shared.events;
+    let changed = DeviceEvent::Subscribed {
+        identity: channels.identity.clone(),
+        connection: channels.connection,
+        subscriptions: subscriptions(&session.filters, identity),
+    };
+    let mut lost = events.try_send(changed).is_err();
+    if !connected.clean_session {
+        let persisted = DeviceEvent::Session {
+            client_id: connected.client_id.clone(),
+            filters: Some(session.filters.clone()),
+        };
+        lost |= events.try_send(persisted).is_err();
+    }
+    if lost {
+        shard.shared.stats.outbound_dropped.fetch_add(1, Relaxed);
     }
 }
 

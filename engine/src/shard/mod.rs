@@ -30,6 +30,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use stats::Stats;
 
 use crate::auth::device::{Credential, IdentityLookup};
+use crate::services::{DeviceEvent, IdentityKey, MethodOutcome, Outbound};
 use crate::store::{partition_of, PartitionId, PartitionLog};
 
 /// Queue depth of each shard's inbox (handoffs and control-plane commands).
@@ -105,7 +106,32 @@ enum ShardMsg {
     /// The registered CA certificates changed: close connections that a CA admitted, so that
     /// they reconnect and their chains are checked against the new set.
     AuthoritiesChanged,
+    /// A message from the control plane for the identity's live connection (`connection`:
+    /// only that one, e.g. the answer to its twin request).
+    Deliver {
+        identity: IdentityKey,
+        connection: Option<u64>,
+        message: Outbound,
+    },
     Shutdown,
+}
+
+/// What the shards share with the control plane besides identities.
+#[derive(Debug)]
+pub struct EngineServices {
+    /// Where connections send twin requests, C2D completions, presence and session changes.
+    pub events: async_channel::Sender<DeviceEvent>,
+    /// Persistent sessions (client id, subscription filters) restored at start.
+    pub sessions: Vec<(String, Vec<String>)>,
+}
+
+/// Why a message could not be handed to a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    #[error("the owning shard's inbox is full")]
+    InboxFull,
+    #[error("the data plane is not running")]
+    NotRunning,
 }
 
 /// The running data plane.
@@ -124,6 +150,7 @@ impl Engine {
         config: EngineConfig,
         partitions: Vec<PartitionLog>,
         identities: Arc<dyn IdentityLookup>,
+        services: EngineServices,
     ) -> Result<Engine, EngineError> {
         let shards = config.shards.max(1);
         let partition_count = partitions.len() as u32;
@@ -135,14 +162,30 @@ impl Engine {
         for partition in partitions {
             owned[partition.id().0 as usize % shards].push(partition);
         }
+        // A session belongs to the shard that owns its client's device.
+        let mut sessions: Vec<HashMap<String, connection::Session>> =
+            (0..shards).map(|_| HashMap::new()).collect();
+        if partition_count > 0 {
+            for (client_id, filters) in services.sessions {
+                let device_id = client_id.split('/').next().unwrap_or_default();
+                let owner = partition_of(device_id, partition_count).0 as usize % shards;
+                sessions[owner].insert(client_id, connection::Session { filters });
+            }
+        }
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         let config = Arc::new(config);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
         let mut handles = Vec::with_capacity(shards);
-        for (id, (inbox, partitions)) in inbox_receivers.into_iter().zip(owned).enumerate() {
+        for (id, ((inbox, partitions), sessions)) in inbox_receivers
+            .into_iter()
+            .zip(owned)
+            .zip(sessions)
+            .enumerate()
+        {
             let shared = ShardShared {
+                events: services.events.clone(),
                 id,
                 shard_count: shards,
                 partition_count,
@@ -154,7 +197,9 @@ impl Engine {
             let ready = ready_tx.clone();
             let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
                 .name(&format!("ingot-shard-{id}"))
-                .spawn(move || async move { run_shard(shared, partitions, inbox, ready).await })
+                .spawn(move || async move {
+                    run_shard(shared, partitions, sessions, inbox, ready).await
+                })
                 .map_err(|e| EngineError::Start {
                     shard: id,
                     reason: e.to_string(),
@@ -210,6 +255,66 @@ impl Engine {
         }
     }
 
+    fn owner(&self, device_id: &str) -> Option<usize> {
+        if self.partition_count == 0 || self.inboxes.is_empty() {
+            return None;
+        }
+        let partition = partition_of(device_id, self.partition_count);
+        Some(partition.0 as usize % self.inboxes.len())
+    }
+
+    /// Hands `message` to the shard that owns the identity, for its live connection (only
+    /// `connection`, when given). Never blocks. A message for an identity with no live connection
+    /// is dropped by the shard (a method call is answered `NotOnline`).
+    pub fn deliver(
+        &self,
+        identity: IdentityKey,
+        connection: Option<u64>,
+        message: Outbound,
+    ) -> Result<(), DeliverError> {
+        let owner = self
+            .owner(&identity.device_id)
+            .ok_or(DeliverError::NotRunning)?;
+        let msg = ShardMsg::Deliver {
+            identity,
+            connection,
+            message,
+        };
+        self.inboxes[owner].try_send(msg).map_err(|e| {
+            if e.is_full() {
+                self.stats
+                    .inbox_full
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                DeliverError::InboxFull
+            } else {
+                DeliverError::NotRunning
+            }
+        })
+    }
+
+    /// Calls a direct method on the identity's live connection and waits for the device's answer.
+    /// Has no timeout of its own: the caller bounds the wait (`responseTimeoutInSeconds`), and a
+    /// call given up is forgotten by the connection when its answer arrives or the connection
+    /// ends.
+    pub async fn invoke_method(
+        &self,
+        identity: IdentityKey,
+        name: String,
+        payload: Vec<u8>,
+    ) -> MethodOutcome {
+        let (reply, outcome) = async_channel::bounded(1);
+        let message = Outbound::Method {
+            name,
+            payload,
+            reply,
+        };
+        match self.deliver(identity, None, message) {
+            Ok(()) => outcome.recv().await.unwrap_or(MethodOutcome::NotOnline),
+            Err(DeliverError::InboxFull) => MethodOutcome::Busy,
+            Err(DeliverError::NotRunning) => MethodOutcome::NotOnline,
+        }
+    }
+
     /// Tells every shard that the registered CA certificates changed.
     pub fn certificate_authorities_changed(&self) {
         for inbox in &self.inboxes {
@@ -246,6 +351,7 @@ struct ShardShared {
     identities: Arc<dyn IdentityLookup>,
     peers: Vec<async_channel::Sender<ShardMsg>>,
     stats: Arc<Stats>,
+    events: async_channel::Sender<DeviceEvent>,
 }
 
 /// A live, authenticated connection as its shard tracks it.
@@ -254,6 +360,7 @@ struct LiveConnection {
     credential: Credential,
     method: crate::auth::device::AuthMethod,
     close: async_channel::Sender<connection::CloseReason>,
+    outbound: async_channel::Sender<Outbound>,
 }
 
 /// A shard's state. Single-threaded: `RefCell`s are borrowed only between awaits.
@@ -287,6 +394,7 @@ impl Shard {
 async fn run_shard(
     shared: ShardShared,
     partitions: Vec<PartitionLog>,
+    sessions: HashMap<String, connection::Session>,
     inbox: async_channel::Receiver<ShardMsg>,
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
 ) {
@@ -301,7 +409,7 @@ async fn run_shard(
         partitions: RefCell::new(partitions.into_iter().map(|p| (p.id().0, p)).collect()),
         shared,
         live: RefCell::default(),
-        sessions: RefCell::default(),
+        sessions: RefCell::new(sessions),
         next_connection_id: Cell::new(0),
         open_connections: Cell::new(0),
         rate: [
@@ -364,6 +472,11 @@ async fn run_shard(
                 connection::recheck(&shard, &device_id, module_id.as_deref());
             }
             ShardMsg::AuthoritiesChanged => connection::close_ca_admitted(&shard),
+            ShardMsg::Deliver {
+                identity,
+                connection,
+                message,
+            } => connection::deliver(&shard, &identity, connection, message),
             ShardMsg::Shutdown => break,
         }
     }

@@ -31,6 +31,14 @@ pub struct Stats {
     pub append_errors: AtomicU64,
     pub accept_errors: AtomicU64,
     pub inbox_full: AtomicU64,
+    /// Twin requests answered 429 at once because the control plane's event queue was full.
+    pub twin_requests_throttled: AtomicU64,
+    /// Messages for a connection dropped because its outbound queue was full or it had gone.
+    pub outbound_dropped: AtomicU64,
+    /// Method answers with an unknown or late `$rid`, dropped.
+    pub method_responses_unmatched: AtomicU64,
+    pub c2d_delivered: AtomicU64,
+    pub c2d_completed: AtomicU64,
 }
 
 /// A token bucket: `rate` connects per second, bursts up to one second's worth.

@@ -1,0 +1,142 @@
+//! What flows between the shards and the control plane for twins, direct methods,
+//! cloud-to-device messages and sessions.
+//!
+//! The shard that owns a device owns its live connection: its subscriptions, its pending method
+//! calls (by `$rid`) and its C2D messages in flight (by packet id). What must outlive a connection
+//! (twin documents, C2D queues, feedback, persistent sessions) is kept by the control plane in its
+//! crash-safe store, whose commits are blocking fsyncs that must never run on a shard's core.
+//!
+//! Two bounded channels connect them:
+//! - shards -> control plane: [`DeviceEvent`]s on one queue (twin requests, C2D completions,
+//!   presence and session changes), consumed by one thread that commits them in batches;
+//! - control plane -> shard: [`Outbound`] messages through the owning shard's inbox
+//!   ([`crate::shard::Engine::deliver`]), which hands them to the live connection.
+//!
+//! Both are bounded. When the events queue is full a twin request is answered with status 429
+//! at once (the device retries), and when a connection's outbound queue is full a twin response
+//! or desired patch is dropped and counted (the SDK re-reads the twin after reconnecting); a C2D
+//! message stays queued in the store and is delivered again.
+
+/// A device or module, as owned ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey {
+    pub device_id: String,
+    pub module_id: Option<String>,
+}
+
+impl IdentityKey {
+    pub fn new(device_id: &str, module_id: Option<&str>) -> Self {
+        Self {
+            device_id: device_id.to_owned(),
+            module_id: module_id.map(str::to_owned),
+        }
+    }
+}
+
+impl std::fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.module_id {
+            Some(module_id) => write!(f, "{}/{module_id}", self.device_id),
+            None => f.write_str(&self.device_id),
+        }
+    }
+}
+
+/// One live connection of an identity: the owning shard numbers its connections, and a device's
+/// owning shard never changes while the hub runs, so (identity, connection) is unique.
+pub type ConnectionId = u64;
+
+/// What a device connection tells the control plane.
+#[derive(Debug)]
+pub enum DeviceEvent {
+    /// A connection was accepted (CONNACK sent). `subscriptions` are those it resumed from a
+    /// persistent session.
+    Connected {
+        identity: IdentityKey,
+        connection: ConnectionId,
+        subscriptions: SubscriptionSet,
+    },
+    /// The connection ended.
+    Disconnected {
+        identity: IdentityKey,
+        connection: ConnectionId,
+    },
+    /// The connection's subscriptions changed (SUBSCRIBE or UNSUBSCRIBE answered).
+    Subscribed {
+        identity: IdentityKey,
+        connection: ConnectionId,
+        subscriptions: SubscriptionSet,
+    },
+    /// The filters of a clean-session-0 client changed; `None`: its session ended (a clean
+    /// session connect). Persisted so that sessions survive restarts.
+    Session {
+        client_id: String,
+        filters: Option<Vec<String>>,
+    },
+    /// `$iothub/twin/GET/?$rid=`: answer with [`Outbound::TwinResponse`] on this connection.
+    TwinGet {
+        identity: IdentityKey,
+        connection: ConnectionId,
+        rid: String,
+    },
+    /// `$iothub/twin/PATCH/properties/reported/?$rid=`: apply, persist, then answer.
+    TwinReportedPatch {
+        identity: IdentityKey,
+        connection: ConnectionId,
+        rid: String,
+        body: Vec<u8>,
+    },
+    /// The device acknowledged (PUBACK) the C2D message with this lock token: it is complete.
+    C2dCompleted {
+        identity: IdentityKey,
+        lock_token: u64,
+    },
+}
+
+/// The subscriptions of a connection that the control plane acts on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionSet {
+    pub cloud_to_device: bool,
+    pub methods: bool,
+    pub desired_patches: bool,
+    pub twin_responses: bool,
+}
+
+/// What the control plane sends to a device's connection.
+#[derive(Debug)]
+pub enum Outbound {
+    /// `$iothub/twin/res/{status}/?$rid={rid}[&$version={v}]`, QoS 0.
+    TwinResponse {
+        status: u16,
+        rid: String,
+        version: Option<u64>,
+        body: Vec<u8>,
+    },
+    /// `$iothub/twin/PATCH/properties/desired/?$version={v}`, QoS 0, to a subscribed connection.
+    DesiredPatch { version: u64, body: Vec<u8> },
+    /// `$iothub/methods/POST/{name}/?$rid=`, QoS 0. The answer (or why there is none) goes to
+    /// `reply`.
+    Method {
+        name: String,
+        payload: Vec<u8>,
+        reply: async_channel::Sender<MethodOutcome>,
+    },
+    /// A C2D message, QoS 1, on `topic` (`devices/{d}/messages/devicebound/{bag}`); its PUBACK
+    /// comes back as [`DeviceEvent::C2dCompleted`] with `lock_token`.
+    C2d {
+        lock_token: u64,
+        topic: String,
+        body: Vec<u8>,
+    },
+}
+
+/// How a direct method call ended on the device side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MethodOutcome {
+    /// The device answered `$iothub/methods/res/{status}/?$rid=` with this payload.
+    Response { status: i32, payload: Vec<u8> },
+    /// No connection, or the connection has not subscribed to `$iothub/methods/POST/#`.
+    NotOnline,
+    /// The connection has the maximum number of calls in flight, or its queue is full.
+    Busy,
+}
