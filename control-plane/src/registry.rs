@@ -24,6 +24,18 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const MODULES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("modules");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
+/// Twin documents by (device, module); the device's own twin has module "".
+const TWINS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("twins");
+/// C2D queues: (device, lock token) -> message. Lock tokens grow hub-wide, so a device's queue
+/// is in enqueue order.
+const C2D: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("c2d");
+
+mod c2d;
+mod sessions;
+mod twins;
+
+pub use c2d::{AckMode, C2dMessage, C2dSpec, Feedback, FeedbackBatch};
+pub use twins::TwinRow;
 
 const META_ETAG: &str = "etag_counter";
 const META_GENERATION: &str = "generation_ticks";
@@ -167,6 +179,10 @@ pub enum RegistryError {
     Storage(Box<redb::Error>),
     #[error("a registry record is damaged: {0}")]
     Corrupt(String),
+    #[error("the device's cloud-to-device queue holds the maximum number of messages")]
+    QueueFull,
+    #[error("{0}")]
+    Twin(crate::twin::TwinError),
 }
 
 macro_rules! storage_from {
@@ -195,6 +211,8 @@ type Tables<'t> = (
     redb::Table<'t, &'static str, &'static [u8]>,
     redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
     redb::Table<'t, &'static str, u64>,
+    redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    redb::Table<'t, (&'static str, u64), &'static [u8]>,
 );
 
 impl Registry {
@@ -207,6 +225,10 @@ impl Registry {
         txn.open_table(MODULES)?;
         txn.open_table(META)?;
         txn.open_table(CERTIFICATES)?;
+        txn.open_table(TWINS)?;
+        txn.open_table(C2D)?;
+        txn.open_table(c2d::FEEDBACK)?;
+        txn.open_table(sessions::SESSIONS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -221,6 +243,8 @@ impl Registry {
                 txn.open_table(DEVICES)?,
                 txn.open_table(MODULES)?,
                 txn.open_table(META)?,
+                txn.open_table(TWINS)?,
+                txn.open_table(C2D)?,
             );
             f(&mut tables)?
         };
@@ -433,6 +457,7 @@ impl Registry {
             };
             if_match.check(&old.etag)?;
             t.1.remove((device_id, module_id))?;
+            t.3.remove((device_id, module_id))?;
             bump(&mut t.2, META_MODULES_TOTAL, -1)?;
             Ok(())
         })
@@ -693,7 +718,33 @@ fn delete_device(t: &mut Tables<'_>, id: &str, if_match: &IfMatch) -> Result<(),
         t.1.remove((id, module_id.as_str()))?;
     }
     bump(&mut t.2, META_MODULES_TOTAL, -(module_ids.len() as i64))?;
+    // And its twins and its C2D queue (a device created again later starts afresh).
+    let twin_keys = keys_of_device(&t.3, id)?;
+    for module_id in &twin_keys {
+        t.3.remove((id, module_id.as_str()))?;
+    }
+    let lock_tokens = c2d::lock_tokens(&t.4, id)?;
+    for lock_token in lock_tokens {
+        t.4.remove((id, lock_token))?;
+    }
     Ok(())
+}
+
+/// The second halves of the keys of `device_id` in a (device, string) table.
+fn keys_of_device(
+    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    device_id: &str,
+) -> Result<Vec<String>, RegistryError> {
+    let mut keys = Vec::new();
+    for entry in table.range((device_id, "")..)? {
+        let (key, _) = entry?;
+        let (device, second) = key.value();
+        if device != device_id {
+            break;
+        }
+        keys.push(second.to_owned());
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]

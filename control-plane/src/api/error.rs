@@ -149,6 +149,17 @@ impl From<RegistryError> for ApiError {
                 "TooManyDevices",
                 message,
             ),
+            QueueFull => Self::new(
+                StatusCode::FORBIDDEN,
+                403004,
+                "DeviceMaximumQueueDepthExceeded",
+                message,
+            ),
+            Twin(e) => {
+                let (status, code, name) = e.code();
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+                Self::new(status, code, name, e.to_string())
+            }
             Storage(_) | Corrupt(_) => {
                 // Operating errors are logged where they are handled: here.
                 tracing::error!("registry operation failed: {message}");
