@@ -33,7 +33,28 @@ pub struct Config {
     pub http: HttpConfig,
     pub mqtt: MqttConfig,
     pub store: StoreSettings,
+    pub c2d: C2dConfig,
     pub log: LogConfig,
+}
+
+/// Cloud-to-device queues (Azure's `cloudToDevice` settings of a hub).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct C2dConfig {
+    /// Time to live of a message sent without an expiry: 60 to 172800 s (Azure: PT1H).
+    pub default_ttl_secs: u64,
+    /// Deliveries of a message before it is dropped with `DeliveryCountExceeded` feedback: 1 to
+    /// 100 (Azure: 10).
+    pub max_delivery_count: u32,
+}
+
+impl Default for C2dConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 3600,
+            max_delivery_count: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +162,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             mqtt: MqttConfig::default(),
             store: StoreSettings::default(),
+            c2d: C2dConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -269,6 +291,12 @@ impl Config {
             (None, None) => {}
             _ => return Err(invalid("tls", "cert_file and key_file go together")),
         }
+        if !(60..=172_800).contains(&self.c2d.default_ttl_secs) {
+            return Err(invalid("c2d.default_ttl_secs", "must be from 60 to 172800"));
+        }
+        if !(1..=100).contains(&self.c2d.max_delivery_count) {
+            return Err(invalid("c2d.max_delivery_count", "must be from 1 to 100"));
+        }
         if self.http.connections_max == 0 {
             return Err(invalid("http.connections_max", "must be at least 1"));
         }
@@ -352,6 +380,14 @@ impl Config {
             connections_per_shard_max: self.mqtt.connections_per_shard_max,
             connect_rate_per_sec: self.mqtt.connect_rate_per_sec,
             inflight_count_max: self.mqtt.inflight_count_max,
+            ..Default::default()
+        }
+    }
+
+    pub fn c2d_settings(&self) -> crate::devices::C2dSettings {
+        crate::devices::C2dSettings {
+            default_ttl: std::time::Duration::from_secs(self.c2d.default_ttl_secs),
+            max_delivery_count: self.c2d.max_delivery_count,
             ..Default::default()
         }
     }

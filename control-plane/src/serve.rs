@@ -69,12 +69,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("bind the HTTPS listener on {addr}"))?;
 
     let registry = Arc::new(registry);
+    let (events_tx, events_rx) = async_channel::bounded(crate::devices::EVENT_QUEUE_DEPTH);
+    let sessions = registry
+        .sessions()
+        .context("read the persisted MQTT sessions")?;
+    let services = ingot_engine::shard::EngineServices {
+        events: events_tx,
+        sessions,
+    };
     let engine = Arc::new(start_engine(
         &config,
         &tls_files,
         registry.clone(),
         policies.clone(),
+        services,
     )?);
+    let devices =
+        crate::devices::Devices::new(registry.clone(), engine.clone(), config.c2d_settings());
+    let device_thread = devices
+        .spawn(events_rx)
+        .context("start the device service thread")?;
 
     let connection_string = local::service_connection_string(data_dir, "iothubowner")?;
     // The one thing an operator needs to start: printed on stdout, logs go to stderr.
@@ -106,12 +120,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         hostname: config.hostname.clone(),
         http: config.http.clone(),
         engine: Some(engine.clone()),
+        devices: Some(devices),
     });
     api::serve(listener, https_tls, state, shutdown, DRAIN).await;
     // The data plane closes its connections and flushes every partition before exit.
-    tokio::task::spawn_blocking(move || engine.shutdown())
-        .await
-        .context("stop the data plane")?;
+    tokio::task::spawn_blocking(move || {
+        engine.shutdown();
+        // The shards are gone, and with them every sender of the device events: the thread
+        // commits what is left and ends.
+        drop(engine);
+        let _ = device_thread.join();
+    })
+    .await
+    .context("stop the data plane")?;
     tracing::info!("shut down cleanly");
     Ok(())
 }
@@ -122,6 +143,7 @@ fn start_engine(
     tls_files: &tls::TlsFiles,
     registry: Arc<Registry>,
     policies: Policies,
+    services: ingot_engine::shard::EngineServices,
 ) -> anyhow::Result<ingot_engine::shard::Engine> {
     let shards = config.shard_count();
     let store_config = config.store_config(shards)?;
@@ -141,8 +163,12 @@ fn start_engine(
         limits: config.connection_limits(),
     };
     let identities = Arc::new(crate::identity::RegistryIdentities { registry, policies });
-    let engine =
-        ingot_engine::shard::Engine::start(engine_config, store.into_partitions(), identities)?;
+    let engine = ingot_engine::shard::Engine::start(
+        engine_config,
+        store.into_partitions(),
+        identities,
+        services,
+    )?;
     Ok(engine)
 }
 
