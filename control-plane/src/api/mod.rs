@@ -13,6 +13,7 @@
 mod certificate_routes;
 mod error;
 mod registry_routes;
+mod service_routes;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ pub struct AppState {
     /// The data plane, told about every registry change so that it can disconnect an identity
     /// that was disabled, deleted or re-keyed. `None` when no data plane runs.
     pub engine: Option<Arc<ingot_engine::shard::Engine>>,
+    /// Live devices: presence, twins pushed to devices, method calls, C2D delivery. `None`
+    /// when no data plane runs.
+    pub devices: Option<Arc<crate::devices::Devices>>,
 }
 
 impl AppState {
@@ -235,8 +239,16 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<ApiResponse, 
         })
         .unwrap_or_default();
 
-    let permission = registry_routes::permission_for(&parts.method, &segments)?;
-    authorize(state, &parts.headers, &segments, permission)?;
+    let service = service_routes::permissions_for(&parts.method, &segments);
+    let registry_permission;
+    let permissions = match service {
+        Some(permissions) => permissions,
+        None => {
+            registry_permission = [registry_routes::permission_for(&parts.method, &segments)?];
+            &registry_permission[..]
+        }
+    };
+    authorize(state, &parts.headers, &segments, permissions)?;
 
     let limit = state.http.body_bytes_max;
     let body = match Limited::new(body, limit).collect().await {
@@ -260,7 +272,11 @@ async fn route(state: &AppState, req: Request<Incoming>) -> Result<ApiResponse, 
         headers: parts.headers,
         body,
     };
-    registry_routes::dispatch(state, request).await
+    if service.is_some() {
+        service_routes::dispatch(state, request).await
+    } else {
+        registry_routes::dispatch(state, request).await
+    }
 }
 
 /// Checks the `Authorization` header: a SAS token of a shared access policy that grants
@@ -269,7 +285,7 @@ fn authorize(
     state: &AppState,
     headers: &hyper::HeaderMap,
     segments: &[String],
-    permission: Permission,
+    permissions: &[Permission],
 ) -> Result<(), ApiError> {
     // Two Authorization headers are ambiguous; which one a proxy or the hub reads must not
     // decide whether a request is authorized.
@@ -305,10 +321,11 @@ fn authorize(
             "The token's audience '{audience}' does not cover this hub."
         )));
     }
-    if !policy.grants(permission) {
+    if !permissions.iter().any(|p| policy.grants(*p)) {
+        let names: Vec<&str> = permissions.iter().map(|p| p.name()).collect();
         return Err(ApiError::unauthorized(format!(
             "The policy '{policy_name}' does not grant {}.",
-            permission.name()
+            names.join(" or ")
         )));
     }
     Ok(())
