@@ -51,6 +51,14 @@ pub enum Command {
     /// Manage the CA certificates that certificateAuthority devices chain to.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Send cloud-to-device messages, read their delivery feedback, purge queues.
+    #[command(subcommand)]
+    C2d(C2dCommand),
+    /// Read and update device and module twins, and run twin queries.
+    #[command(subcommand)]
+    Twin(TwinCommand),
+    /// Call a direct method on a device or module and print its answer.
+    Method(MethodArgs),
     /// Print a SAS token for a device, a module or a shared access policy.
     SasToken(SasTokenArgs),
     /// Print the events of the built-in endpoint, one JSON object per line (reads the segment
@@ -90,6 +98,112 @@ pub enum CaCommand {
         #[command(flatten)]
         connection: Connection,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum C2dCommand {
+    /// Queue a message for a device; it is delivered over MQTT when the device has subscribed.
+    Send {
+        device: String,
+        /// The message body.
+        #[arg(long)]
+        body: String,
+        /// An application property, `name=value` (repeatable).
+        #[arg(long = "prop", value_name = "NAME=VALUE")]
+        props: Vec<String>,
+        /// Which outcomes produce feedback.
+        #[arg(long, value_enum, default_value = "none")]
+        ack: AckArg,
+        /// Time to live in seconds [default: the hub's c2d.default_ttl_secs].
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        correlation_id: Option<String>,
+        #[arg(long)]
+        content_type: Option<String>,
+        #[arg(long)]
+        content_encoding: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print pending delivery feedback (JSON array); --complete removes what was printed.
+    Feedback {
+        #[arg(long)]
+        complete: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove every message queued for a device.
+    Purge {
+        device: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AckArg {
+    None,
+    Positive,
+    Negative,
+    Full,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TwinCommand {
+    /// Print a device's (or module's) twin.
+    Show {
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Merge tags and desired properties into a twin (JSON objects; null deletes).
+    Update {
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+        /// Desired properties to merge, e.g. '{"interval": 5}'.
+        #[arg(long)]
+        desired: Option<String>,
+        /// Tags to merge, e.g. '{"location": {"region": "us"}}'.
+        #[arg(long)]
+        tags: Option<String>,
+        /// Only update when the twin still has this etag.
+        #[arg(long)]
+        etag: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Run an IoT Hub query, e.g. "SELECT * FROM devices WHERE tags.region = 'us'".
+    Query {
+        query: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct MethodArgs {
+    device: String,
+    /// The method name.
+    name: String,
+    #[arg(long)]
+    module: Option<String>,
+    /// The JSON payload.
+    #[arg(long, default_value = "null")]
+    payload: String,
+    /// Seconds to wait for the device's answer (5-300).
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Seconds to wait for the device to come online (0-300).
+    #[arg(long, default_value_t = 0)]
+    connect_timeout: u64,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Debug, Subcommand)]
@@ -346,6 +460,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Module(command) => module(command),
         Command::SasToken(args) => sas_token(args),
         Command::Ca(command) => ca(command),
+        Command::C2d(command) => c2d(command),
+        Command::Twin(command) => twin(command),
+        Command::Method(args) => method(args),
         Command::MonitorEvents(args) => crate::monitor::monitor_events(&args),
         Command::Log(LogCommand::Verify(args)) => crate::monitor::log_verify(&args),
     }
@@ -702,4 +819,209 @@ fn sas_token(args: SasTokenArgs) -> anyhow::Result<()> {
         .context("the identity's key is not base64")?;
     println!("{}", sas::generate(&resource, &key, expiry, None));
     Ok(())
+}
+
+fn c2d(command: C2dCommand) -> anyhow::Result<()> {
+    match command {
+        C2dCommand::Send {
+            device,
+            body,
+            props,
+            ack,
+            ttl,
+            message_id,
+            correlation_id,
+            content_type,
+            content_encoding,
+            connection,
+        } => {
+            let ack = match ack {
+                AckArg::None => "none",
+                AckArg::Positive => "positive",
+                AckArg::Negative => "negative",
+                AckArg::Full => "full",
+            };
+            let ttl = ttl.map(|t| t.to_string());
+            let mut headers: Vec<(String, String)> = vec![("iothub-ack".into(), ack.into())];
+            let optional = [
+                ("iothub-ttl", ttl),
+                ("iothub-messageid", message_id),
+                ("iothub-correlationid", correlation_id),
+                ("content-encoding", content_encoding),
+            ];
+            for (name, value) in optional {
+                if let Some(value) = value {
+                    headers.push((name.to_owned(), value));
+                }
+            }
+            for prop in &props {
+                let (name, value) = prop
+                    .split_once('=')
+                    .with_context(|| format!("--prop {prop:?} is not NAME=VALUE"))?;
+                headers.push((format!("iothub-app-{name}"), value.to_owned()));
+            }
+            let header_refs: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let content_type = content_type
+                .as_deref()
+                .unwrap_or("text/plain; charset=utf-8");
+            let path = format!("{}/messages/deviceBound", device_path(&device));
+            let reply = connection.client()?.request_bytes(
+                Method::POST,
+                &path,
+                &header_refs,
+                Some((bytes::Bytes::from(body.into_bytes()), content_type)),
+            )?;
+            print(&reply.success()?)
+        }
+        C2dCommand::Feedback {
+            complete,
+            connection,
+        } => {
+            let client = connection.client()?;
+            let path = "/messages/serviceBound/feedback";
+            let reply = client.request(Method::GET, path, &[], None)?;
+            let lock = reply
+                .headers
+                .get("iothub-lock-token")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let records = reply.success()?;
+            let records = if records.is_null() {
+                json!([])
+            } else {
+                records
+            };
+            print(&records)?;
+            if let (true, Some(lock)) = (complete, lock) {
+                client
+                    .request(Method::DELETE, &format!("{path}/{lock}"), &[], None)?
+                    .success()?;
+            }
+            Ok(())
+        }
+        C2dCommand::Purge { device, connection } => {
+            let path = format!("{}/commands", device_path(&device));
+            print(
+                &connection
+                    .client()?
+                    .request(Method::DELETE, &path, &[], None)?
+                    .success()?,
+            )
+        }
+    }
+}
+
+fn twin_path(device: &str, module: Option<&str>) -> String {
+    match module {
+        Some(module) => format!("/twins/{}/modules/{}", segment(device), segment(module)),
+        None => format!("/twins/{}", segment(device)),
+    }
+}
+
+fn parse_object(flag: &str, text: Option<&str>) -> anyhow::Result<Option<Value>> {
+    let Some(text) = text else { return Ok(None) };
+    let value: Value =
+        serde_json::from_str(text).with_context(|| format!("{flag} is not valid JSON"))?;
+    if !value.is_object() {
+        bail!("{flag} must be a JSON object");
+    }
+    Ok(Some(value))
+}
+
+fn twin(command: TwinCommand) -> anyhow::Result<()> {
+    match command {
+        TwinCommand::Show {
+            device,
+            module,
+            connection,
+        } => print(
+            &connection
+                .client()?
+                .request(
+                    Method::GET,
+                    &twin_path(&device, module.as_deref()),
+                    &[],
+                    None,
+                )?
+                .success()?,
+        ),
+        TwinCommand::Update {
+            device,
+            module,
+            desired,
+            tags,
+            etag,
+            connection,
+        } => {
+            let mut patch = json!({});
+            if let Some(tags) = parse_object("--tags", tags.as_deref())? {
+                patch["tags"] = tags;
+            }
+            if let Some(desired) = parse_object("--desired", desired.as_deref())? {
+                patch["properties"] = json!({ "desired": desired });
+            }
+            if patch.as_object().is_some_and(|o| o.is_empty()) {
+                bail!("give --desired and/or --tags");
+            }
+            let etag = if_match(etag.as_deref());
+            let reply = connection.client()?.request(
+                Method::PATCH,
+                &twin_path(&device, module.as_deref()),
+                &[("if-match", &etag)],
+                Some(&patch),
+            )?;
+            print(&reply.success()?)
+        }
+        TwinCommand::Query { query, connection } => {
+            let client = connection.client()?;
+            let mut all = Vec::new();
+            let mut continuation: Option<String> = None;
+            loop {
+                let headers: Vec<(&str, &str)> = continuation
+                    .iter()
+                    .map(|c| ("x-ms-continuation", c.as_str()))
+                    .collect();
+                let reply = client.request(
+                    Method::POST,
+                    "/devices/query",
+                    &headers,
+                    Some(&json!({ "query": query })),
+                )?;
+                let next = reply.continuation.clone();
+                if let Value::Array(items) = reply.success()? {
+                    all.extend(items);
+                }
+                match next {
+                    Some(next) if !next.is_empty() => continuation = Some(next),
+                    _ => break,
+                }
+            }
+            print(&Value::Array(all))
+        }
+    }
+}
+
+fn method(args: MethodArgs) -> anyhow::Result<()> {
+    let payload: Value =
+        serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
+    let body = json!({
+        "methodName": args.name,
+        "payload": payload,
+        "responseTimeoutInSeconds": args.timeout,
+        "connectTimeoutInSeconds": args.connect_timeout,
+    });
+    let path = format!(
+        "{}/methods",
+        twin_path(&args.device, args.module.as_deref())
+    );
+    print(
+        &args
+            .connection
+            .client()?
+            .request(Method::POST, &path, &[], Some(&body))?
+            .success()?,
+    )
 }

@@ -87,6 +87,7 @@ impl ServiceConnectionString {
 pub struct Reply {
     pub status: StatusCode,
     pub continuation: Option<String>,
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -126,6 +127,48 @@ impl Reply {
     }
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// One kept-alive HTTPS connection for many requests in a row (benchmarks, scripted loads),
+/// with its own current-thread runtime.
+pub struct ServiceSession {
+    client: ServiceClient,
+    runtime: tokio::runtime::Runtime,
+    sender: Sender,
+}
+
+impl std::fmt::Debug for ServiceSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceSession").finish_non_exhaustive()
+    }
+}
+
+impl ServiceSession {
+    pub fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<Reply> {
+        let body = match body {
+            Some(body) => Some((
+                Bytes::from(serde_json::to_vec(body)?),
+                "application/json; charset=utf-8",
+            )),
+            None => None,
+        };
+        let (client, sender) = (&self.client, &mut self.sender);
+        self.runtime.block_on(async {
+            tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                client.send_on(sender, method, path, &[], body),
+            )
+            .await
+            .map_err(|_| anyhow!("the hub did not answer within {REQUEST_TIMEOUT:?}"))?
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServiceClient {
     pub connection: ServiceConnectionString,
@@ -150,6 +193,38 @@ impl ServiceClient {
         headers: &[(&str, &str)],
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<Reply> {
+        let body = match body {
+            Some(body) => Some((
+                Bytes::from(serde_json::to_vec(body)?),
+                "application/json; charset=utf-8",
+            )),
+            None => None,
+        };
+        self.request_bytes(method, path, headers, body)
+    }
+
+    /// Opens a kept-alive connection for many requests.
+    pub fn session(&self) -> anyhow::Result<ServiceSession> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start a runtime")?;
+        let sender = runtime.block_on(self.open())?;
+        Ok(ServiceSession {
+            client: self.clone(),
+            runtime,
+            sender,
+        })
+    }
+
+    /// Sends one request with a raw body and its content type.
+    pub fn request_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(Bytes, &str)>,
+    ) -> anyhow::Result<Reply> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -166,8 +241,14 @@ impl ServiceClient {
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
-        body: Option<&serde_json::Value>,
+        body: Option<(Bytes, &str)>,
     ) -> anyhow::Result<Reply> {
+        let mut sender = self.open().await?;
+        self.send_on(&mut sender, method, path, headers, body).await
+    }
+
+    /// Opens one HTTPS connection to the hub.
+    async fn open(&self) -> anyhow::Result<Sender> {
         let host = &self.connection.host;
         let address = if host.contains(':') {
             host.clone()
@@ -185,16 +266,28 @@ impl ServiceClient {
             .connect(name, tcp)
             .await
             .with_context(|| format!("TLS handshake with {address}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        Ok(sender)
+    }
+
+    /// Sends one request on an open connection.
+    async fn send_on(
+        &self,
+        sender: &mut Sender,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(Bytes, &str)>,
+    ) -> anyhow::Result<Reply> {
+        let host = &self.connection.host;
         let separator = if path.contains('?') { '&' } else { '?' };
         let uri = format!("{path}{separator}api-version={API_VERSION}");
-        let payload = match body {
-            Some(body) => Bytes::from(serde_json::to_vec(body)?),
-            None => Bytes::new(),
+        let (payload, content_type) = match body {
+            Some((bytes, content_type)) => (bytes, Some(content_type)),
+            None => (Bytes::new(), None),
         };
         let mut request = Request::builder()
             .method(method)
@@ -202,8 +295,8 @@ impl ServiceClient {
             .header("host", host.as_str())
             .header("authorization", self.connection.token(TOKEN_TTL_SECS)?)
             .header("accept", "application/json");
-        if body.is_some() {
-            request = request.header("content-type", "application/json; charset=utf-8");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -217,10 +310,12 @@ impl ServiceClient {
             .get("x-ms-continuation")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let headers = response.headers().clone();
         let body = response.into_body().collect().await?.to_bytes();
         Ok(Reply {
             status,
             continuation,
+            headers,
             body,
         })
     }
