@@ -421,6 +421,12 @@ pub mod mqtt_client {
             self.stream.write_all(&out)
         }
 
+        /// Acknowledges a QoS 1 PUBLISH from the server (a C2D message).
+        pub fn puback(&mut self, packet_id: u16) -> std::io::Result<()> {
+            let [hi, lo] = packet_id.to_be_bytes();
+            self.stream.write_all(&[0x40, 0x02, hi, lo])
+        }
+
         pub fn subscribe(
             &mut self,
             packet_id: u16,
