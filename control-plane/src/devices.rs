@@ -51,12 +51,14 @@ impl Default for C2dSettings {
 }
 
 /// A live connection, as the control plane knows it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Presence {
     connection: u64,
     subscriptions: SubscriptionSet,
     /// When the queue was last sent to this connection.
     last_delivery: Option<Instant>,
+    /// When it connected, RFC 3339 (`connectionStateUpdatedTime`).
+    since: Arc<str>,
 }
 
 /// Live devices and their C2D queues.
@@ -93,6 +95,13 @@ impl Devices {
     pub fn is_connected(&self, device_id: &str, module_id: Option<&str>) -> bool {
         self.presence()
             .contains_key(&IdentityKey::new(device_id, module_id))
+    }
+
+    /// When the identity's live connection began, if it has one.
+    pub fn connected_since(&self, device_id: &str, module_id: Option<&str>) -> Option<String> {
+        self.presence()
+            .get(&IdentityKey::new(device_id, module_id))
+            .map(|p| p.since.to_string())
     }
 
     /// Devices (not modules) with a live connection.
@@ -182,15 +191,19 @@ impl Devices {
                     subscriptions,
                 } => {
                     let mut presence = self.presence();
-                    let entry = presence.entry(identity.clone()).or_insert(Presence {
-                        connection,
-                        subscriptions: SubscriptionSet::default(),
-                        last_delivery: None,
-                    });
+                    let entry = presence
+                        .entry(identity.clone())
+                        .or_insert_with(|| Presence {
+                            connection,
+                            subscriptions: SubscriptionSet::default(),
+                            last_delivery: None,
+                            since: now_rfc3339().into(),
+                        });
                     let newly_c2d = subscriptions.cloud_to_device
                         && (entry.connection != connection || !entry.subscriptions.cloud_to_device);
                     if entry.connection != connection {
                         entry.last_delivery = None;
+                        entry.since = now_rfc3339().into();
                     }
                     entry.connection = connection;
                     entry.subscriptions = subscriptions;
@@ -461,6 +474,10 @@ pub fn c2d_outbound(message: &C2dMessage) -> Outbound {
         topic,
         body: message.body.clone(),
     }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 pub fn now_ms() -> u64 {

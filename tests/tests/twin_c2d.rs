@@ -328,6 +328,21 @@ fn a_device_reaches_only_its_own_twin_methods_and_messages() {
         ],
     );
     assert_eq!(codes, [0x80, 1, 1], "another device's C2D topic is refused");
+    // The registry and the statistics see the live connection.
+    // (Presence is updated by the device thread, right after CONNACK: allow it a moment.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, device) = rest(&hub, "iothubowner", Method::GET, "/devices/a", None);
+        if device["connectionState"] == "Connected" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{device}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, stats) = rest(&hub, "service", Method::GET, "/statistics/service", None);
+    assert_eq!(stats, json!({"connectedDeviceCount": 1}));
+    let (_, device) = rest(&hub, "iothubowner", Method::GET, "/devices/b", None);
+    assert_eq!(device["connectionState"], "Disconnected");
     let (status, body, _) = twin_call(&mut a, "$iothub/twin/GET/?$rid=1", b" ", "1");
     assert_eq!(status, 200);
     let twin: Value = serde_json::from_slice(&body).unwrap();

@@ -102,8 +102,32 @@ async fn get_device(state: &AppState, id: &str) -> Result<ApiResponse, ApiError>
     let device = blocking(state, move |r| r.device(&owned))
         .await?
         .ok_or_else(|| ApiError::from(RegistryError::DeviceNotFound))?;
-    let body = wire::device_json(&device).to_string();
-    Ok(with_etag(json_response(StatusCode::OK, body), &device.etag))
+    let owned = id.to_owned();
+    let c2d = blocking(state, move |r| r.c2d_count(&owned)).await?;
+    let mut json = live(state, wire::device_json(&device), id, None);
+    json["cloudToDeviceMessageCount"] = c2d.into();
+    Ok(with_etag(
+        json_response(StatusCode::OK, json.to_string()),
+        &device.etag,
+    ))
+}
+
+/// Fills in what only the data plane knows: whether the identity is connected now.
+fn live(
+    state: &AppState,
+    mut json: serde_json::Value,
+    device_id: &str,
+    module_id: Option<&str>,
+) -> serde_json::Value {
+    if let Some(since) = state
+        .devices
+        .as_ref()
+        .and_then(|d| d.connected_since(device_id, module_id))
+    {
+        json["connectionState"] = "Connected".into();
+        json["connectionStateUpdatedTime"] = since.into();
+    }
+    json
 }
 
 /// `PUT /devices/{id}`: without `If-Match` it creates (409 if the id is taken), with it it
@@ -157,7 +181,12 @@ async fn list_devices(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
         None => None,
     };
     let (devices, next) = blocking(state, move |r| r.list_devices(after.as_deref(), top)).await?;
-    let body = serde_json::Value::Array(devices.iter().map(wire::device_json).collect());
+    let body = serde_json::Value::Array(
+        devices
+            .iter()
+            .map(|d| live(state, wire::device_json(d), &d.device_id, None))
+            .collect(),
+    );
     let mut response = json_response(StatusCode::OK, body.to_string());
     if let Some(next) = next {
         if let Ok(value) = HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(next)) {
@@ -305,7 +334,15 @@ async fn list_modules(state: &AppState, id: &str) -> Result<ApiResponse, ApiErro
     wire::check_id("deviceId", id)?;
     let owned = id.to_owned();
     let modules = blocking(state, move |r| r.modules(&owned)).await?;
-    let body = serde_json::Value::Array(modules.iter().map(wire::module_json).collect());
+    let body = serde_json::Value::Array(
+        modules
+            .iter()
+            .map(|m| {
+                let json = wire::module_json(m);
+                live(state, json, &m.device_id, Some(&m.module_id))
+            })
+            .collect(),
+    );
     Ok(json_response(StatusCode::OK, body.to_string()))
 }
 

@@ -299,14 +299,16 @@ async fn invoke(
             .engine()
             .invoke_method(identity.clone(), name.clone(), payload.clone());
         match tokio::time::timeout(Duration::from_secs(response_timeout), call).await {
-            Err(_) => return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                504101,
-                "GatewayTimeout",
-                format!(
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    504101,
+                    "GatewayTimeout",
+                    format!(
                     "Timed out waiting for the response from the device ({response_timeout} s)."
                 ),
-            )),
+                ))
+            }
             Ok(MethodOutcome::NotOnline) if tokio::time::Instant::now() < connect_deadline => {
                 // Not connected or not subscribed yet: look again shortly.
                 let wait = connect_deadline - tokio::time::Instant::now();

@@ -276,7 +276,7 @@ pub fn device_json(device: &Device) -> Value {
         "deviceId": device.device_id,
         "generationId": device.generation_id,
         "etag": device.etag,
-        // The data plane fills these in once devices can connect (issue 4).
+        // The API fills in the live state (`registry_routes::live`).
         "connectionState": "Disconnected",
         "status": match device.status { Status::Enabled => "enabled", Status::Disabled => "disabled" },
         "statusReason": device.status_reason,
