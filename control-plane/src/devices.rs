@@ -389,6 +389,20 @@ impl Devices {
 
     /// Sends a device's whole queue to its connection, counting one delivery of each message.
     fn deliver_queue(&self, identity: &IdentityKey) {
+        // Most devices have nothing queued: a read transaction says so without a commit.
+        match self.registry.c2d_count(&identity.device_id) {
+            Ok(0) => {
+                if let Some(p) = self.presence().get_mut(identity) {
+                    p.last_delivery = Some(Instant::now());
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("failed to read a C2D queue: {e}");
+                return;
+            }
+        }
         let now_ms = now_ms();
         let messages = match self.registry.c2d_take_for_delivery(
             &identity.device_id,
@@ -424,15 +438,7 @@ impl Devices {
             .map(|(k, _)| k.clone())
             .collect();
         for identity in due {
-            match self.registry.c2d_count(&identity.device_id) {
-                Ok(0) => {
-                    if let Some(p) = self.presence().get_mut(&identity) {
-                        p.last_delivery = Some(Instant::now());
-                    }
-                }
-                Ok(_) => self.deliver_queue(&identity),
-                Err(e) => tracing::error!("failed to read a C2D queue: {e}"),
-            }
+            self.deliver_queue(&identity);
         }
     }
 }

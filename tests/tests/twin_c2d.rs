@@ -586,3 +586,97 @@ fn c2d_limits_expiry_purge_and_feedback() {
         .unwrap();
     assert_eq!(empty.status.as_u16(), 204);
 }
+
+#[test]
+fn modules_have_their_own_twin_and_methods() {
+    use base64::Engine as _;
+    let hub = Hub::start();
+    hub.create_sas_device("edge");
+    let doc = hub
+        .client("iothubowner")
+        .request(
+            Method::PUT,
+            "/devices/edge/modules/m1",
+            &[],
+            Some(&json!({})),
+        )
+        .unwrap()
+        .success()
+        .unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(
+            doc["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let token = ingot_engine::auth::sas::generate(
+        "localhost/devices/edge/modules/m1",
+        &key,
+        ingot_control_plane::api::now_secs() + 600,
+        None,
+    );
+    let mut module = Client::plain(hub.mqtt_port).unwrap();
+    let user = "localhost/edge/m1/?api-version=2021-04-12";
+    let ack = module
+        .connect(&ConnectOptions::device("edge/m1", user, &token))
+        .unwrap();
+    assert!(matches!(ack, Some(Received::Connack { code: 0, .. })));
+    assert_eq!(
+        subscribe(
+            &mut module,
+            &["$iothub/twin/res/#", "$iothub/methods/POST/#"]
+        ),
+        [1, 1]
+    );
+    let (status, _, _) = twin_call(
+        &mut module,
+        "$iothub/twin/PATCH/properties/reported/?$rid=r1",
+        br#"{"module":"m1"}"#,
+        "r1",
+    );
+    assert_eq!(status, 204);
+    // The module's twin has it; the device's does not.
+    let (_, module_twin) = rest(&hub, "service", Method::GET, "/twins/edge/modules/m1", None);
+    assert_eq!(module_twin["properties"]["reported"]["module"], "m1");
+    let (_, device_twin) = rest(&hub, "service", Method::GET, "/twins/edge", None);
+    assert_eq!(device_twin["properties"]["reported"]["module"], Value::Null);
+
+    let service = hub.client("service");
+    let call = std::thread::spawn(move || {
+        service
+            .request(
+                Method::POST,
+                "/twins/edge/modules/m1/methods",
+                &[],
+                Some(&json!({"methodName": "hello", "responseTimeoutInSeconds": 5})),
+            )
+            .unwrap()
+    });
+    let (topic, payload, _) = next_publish(&mut module);
+    let rid = topic
+        .strip_prefix("$iothub/methods/POST/hello/?$rid=")
+        .unwrap();
+    assert_eq!(payload, b"null");
+    module
+        .publish(
+            &format!("$iothub/methods/res/202/?$rid={rid}"),
+            b"\"hi\"",
+            Some(4),
+        )
+        .unwrap();
+    let reply = call.join().unwrap();
+    assert_eq!(
+        reply.json().unwrap(),
+        json!({"status": 202, "payload": "hi"})
+    );
+    // The device itself is offline: a call to it is 404103 at once.
+    let (status, body) = rest(
+        &hub,
+        "service",
+        Method::POST,
+        "/twins/edge/methods",
+        Some(json!({"methodName": "hello", "responseTimeoutInSeconds": 5})),
+    );
+    assert_eq!((status, error_code(&body)), (404, 404103));
+}
