@@ -680,3 +680,81 @@ fn modules_have_their_own_twin_and_methods() {
     );
     assert_eq!((status, error_code(&body)), (404, 404103));
 }
+
+#[test]
+fn twin_queries_group_count_filter_and_page() {
+    let hub = Hub::start();
+    for (id, region, extra) in [("q1", "us", true), ("q2", "us", false), ("q3", "eu", false)] {
+        hub.create_sas_device(id);
+        let mut tags = json!({"location": {"region": region}});
+        if extra {
+            tags["special"] = json!(true);
+        }
+        let (status, _) = rest(
+            &hub,
+            "service",
+            Method::PATCH,
+            &format!("/twins/{id}"),
+            Some(json!({"tags": tags})),
+        );
+        assert_eq!(status, 200);
+    }
+    let query = |text: &str, headers: &[(&str, &str)]| {
+        let reply = hub
+            .client("registryRead")
+            .request(
+                Method::POST,
+                "/devices/query",
+                headers,
+                Some(&json!({"query": text})),
+            )
+            .unwrap();
+        assert_eq!(reply.status.as_u16(), 200, "{text}: {:?}", reply.body);
+        let item_type = reply.headers["x-ms-item-type"].to_str().unwrap().to_owned();
+        (reply.json().unwrap(), item_type, reply.continuation)
+    };
+    let (groups, item_type, _) = query(
+        "SELECT tags.location.region AS region, COUNT() AS n FROM devices GROUP BY tags.location.region",
+        &[],
+    );
+    assert_eq!(item_type, "raw");
+    let mut groups: Vec<(String, u64)> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["region"].as_str().unwrap().to_owned(),
+                g["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    groups.sort();
+    assert_eq!(groups, [("eu".to_owned(), 1), ("us".to_owned(), 2)]);
+    let (special, item_type, _) =
+        query("SELECT * FROM devices WHERE IS_DEFINED(tags.special)", &[]);
+    assert_eq!(item_type, "twin");
+    assert_eq!(special.as_array().unwrap().len(), 1);
+    assert_eq!(special[0]["deviceId"], "q1");
+    // Pages of two, then the rest; no continuation header on the last page.
+    let (first, _, token) = query("SELECT * FROM devices", &[("x-ms-max-item-count", "2")]);
+    assert_eq!(first.as_array().unwrap().len(), 2);
+    let token = token.expect("a continuation token");
+    let (rest_page, _, last) = query(
+        "SELECT * FROM devices",
+        &[("x-ms-max-item-count", "2"), ("x-ms-continuation", &token)],
+    );
+    assert_eq!(rest_page.as_array().unwrap().len(), 1);
+    assert!(last.is_none());
+    let reply = hub
+        .client("registryRead")
+        .request(
+            Method::POST,
+            "/devices/query",
+            &[],
+            Some(&json!({"query": "SELEKT * FROM devices"})),
+        )
+        .unwrap();
+    assert_eq!(reply.status.as_u16(), 400);
+    assert_eq!(error_code(&reply.json().unwrap()), 400006);
+}
