@@ -129,6 +129,17 @@ impl Reply {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
+/// A JSON body and its content type.
+fn json_body(body: Option<&serde_json::Value>) -> anyhow::Result<Option<(Bytes, &'static str)>> {
+    Ok(match body {
+        Some(body) => Some((
+            Bytes::from(serde_json::to_vec(body)?),
+            "application/json; charset=utf-8",
+        )),
+        None => None,
+    })
+}
+
 /// One kept-alive HTTPS connection for many requests in a row (benchmarks, scripted loads),
 /// with its own current-thread runtime.
 pub struct ServiceSession {
@@ -150,13 +161,7 @@ impl ServiceSession {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<Reply> {
-        let body = match body {
-            Some(body) => Some((
-                Bytes::from(serde_json::to_vec(body)?),
-                "application/json; charset=utf-8",
-            )),
-            None => None,
-        };
+        let body = json_body(body)?;
         let (client, sender) = (&self.client, &mut self.sender);
         self.runtime.block_on(async {
             tokio::time::timeout(
@@ -193,13 +198,7 @@ impl ServiceClient {
         headers: &[(&str, &str)],
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<Reply> {
-        let body = match body {
-            Some(body) => Some((
-                Bytes::from(serde_json::to_vec(body)?),
-                "application/json; charset=utf-8",
-            )),
-            None => None,
-        };
+        let body = json_body(body)?;
         self.request_bytes(method, path, headers, body)
     }
 

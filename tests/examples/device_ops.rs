@@ -19,16 +19,8 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use ingot_engine::mqtt::QoS;
 use ingot_tests::mqtt_client::{Client, ConnectOptions, Received};
-use ingot_tests::Hub;
+use ingot_tests::{arg, Hub};
 use serde_json::json;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
 
 fn connect(hub: &Hub, id: &str, key: &[u8], filters: &[&str]) -> Client {
     let mut client = Client::plain(hub.mqtt_port).unwrap();
@@ -145,16 +137,9 @@ fn patches(hub: &Hub, devices: usize, window: usize, seconds: u64) {
     let keys: Vec<Vec<u8>> = ids
         .iter()
         .map(|id| {
-            let device = client
-                .request(Method::GET, &format!("/devices/{id}"), &[], None)
-                .unwrap()
-                .json()
-                .unwrap();
-            let key = device["authentication"]["symmetricKey"]["primaryKey"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, key).unwrap()
+            let path = format!("/devices/{id}");
+            let device = client.request(Method::GET, &path, &[], None).unwrap();
+            ingot_tests::primary_key(&device.json().unwrap())
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(seconds);

@@ -19,15 +19,7 @@ use base64::Engine as _;
 use hyper::Method;
 use ingot_engine::auth::sas;
 use ingot_tests::mqtt_client::{Client, ConnectOptions, Received};
-use ingot_tests::Hub;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_owned())
-}
+use ingot_tests::{arg, Hub};
 
 fn main() {
     let connections: usize = arg("--connections", "100").parse().unwrap();

@@ -189,20 +189,27 @@ impl Hub {
 
     /// Registers a SAS device through the REST API and returns its raw primary key.
     pub fn create_sas_device(&self, id: &str) -> Vec<u8> {
-        use base64::Engine as _;
         let client = self.client("iothubowner");
         let path = format!("/devices/{}", ingot_control_plane::client::segment(id));
         let body = serde_json::json!({ "deviceId": id });
         let reply = client
             .request(hyper::Method::PUT, &path, &[], Some(&body))
             .expect("request");
-        let doc = reply.success().expect("device created");
-        let key = doc["authentication"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .expect("a key");
-        base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .expect("base64 key")
+        primary_key(&reply.success().expect("device created"))
+    }
+
+    /// Adds a SAS module to a device through the REST API and returns its raw primary key.
+    pub fn create_sas_module(&self, device_id: &str, module_id: &str) -> Vec<u8> {
+        let client = self.client("iothubowner");
+        let path = format!(
+            "/devices/{}/modules/{}",
+            ingot_control_plane::client::segment(device_id),
+            ingot_control_plane::client::segment(module_id)
+        );
+        let reply = client
+            .request(hyper::Method::PUT, &path, &[], Some(&serde_json::json!({})))
+            .expect("request");
+        primary_key(&reply.success().expect("module created"))
     }
 
     pub fn pid(&self) -> u32 {
@@ -243,6 +250,26 @@ impl Drop for Hub {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The raw primary key of a device or module document.
+pub fn primary_key(doc: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let key = doc["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("a SAS identity");
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .expect("base64 key")
+}
+
+/// The value after `name` on the command line, or `default` (for the examples).
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// A device SAS token valid for an hour, as the device SDK makes it.

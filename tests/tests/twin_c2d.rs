@@ -589,27 +589,9 @@ fn c2d_limits_expiry_purge_and_feedback() {
 
 #[test]
 fn modules_have_their_own_twin_and_methods() {
-    use base64::Engine as _;
     let hub = Hub::start();
     hub.create_sas_device("edge");
-    let doc = hub
-        .client("iothubowner")
-        .request(
-            Method::PUT,
-            "/devices/edge/modules/m1",
-            &[],
-            Some(&json!({})),
-        )
-        .unwrap()
-        .success()
-        .unwrap();
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(
-            doc["authentication"]["symmetricKey"]["primaryKey"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
+    let key = hub.create_sas_module("edge", "m1");
     let token = ingot_engine::auth::sas::generate(
         "localhost/devices/edge/modules/m1",
         &key,

@@ -159,8 +159,14 @@ mod base64_bytes {
 }
 
 type C2dTable<'t> = redb::Table<'t, (&'static str, u64), &'static [u8]>;
-type FeedbackTable<'t> = redb::Table<'t, u64, &'static [u8]>;
-type MetaTable<'t> = redb::Table<'t, &'static str, u64>;
+
+/// The tables a queue operation changes, open in one write transaction.
+struct Queues<'t> {
+    devices: redb::Table<'t, &'static str, &'static [u8]>,
+    c2d: C2dTable<'t>,
+    feedback: redb::Table<'t, u64, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, u64>,
+}
 
 /// The lock tokens of a device's queue, in order.
 pub(super) fn lock_tokens(
@@ -175,80 +181,79 @@ pub(super) fn lock_tokens(
     Ok(tokens)
 }
 
-fn queue(table: &C2dTable<'_>, device_id: &str) -> Result<Vec<C2dMessage>, RegistryError> {
-    let mut messages = Vec::new();
-    for entry in table.range((device_id, 0)..=(device_id, u64::MAX))? {
-        let (_, value) = entry?;
-        messages.push(decode(value.value())?);
-    }
-    Ok(messages)
-}
-
-/// Removes `message` from its queue, recording feedback when its ack mode asks for it.
-fn finish(
-    c2d: &mut C2dTable<'_>,
-    feedback: &mut FeedbackTable<'_>,
-    meta: &mut MetaTable<'_>,
-    generation_id: &str,
-    message: &C2dMessage,
-    outcome: Outcome,
-) -> Result<(), RegistryError> {
-    c2d.remove((message.device_id.as_str(), message.lock_token))?;
-    if message.ack.wants(outcome) {
-        let (status_code, description) = outcome.status();
-        let record = Feedback {
-            original_message_id: message.message_id.clone(),
-            device_id: message.device_id.clone(),
-            device_generation_id: generation_id.to_owned(),
-            status_code: status_code.to_owned(),
-            description: description.to_owned(),
-            enqueued_time_utc: now_rfc3339(),
-        };
-        let seq = meta_value(meta, META_FEEDBACK_SEQ)? + 1;
-        meta.insert(META_FEEDBACK_SEQ, seq)?;
-        feedback.insert(seq, encode(&record).as_slice())?;
-    }
-    Ok(())
-}
-
-fn generation_of(
-    devices: &impl ReadableTable<&'static str, &'static [u8]>,
-    device_id: &str,
-) -> Result<String, RegistryError> {
-    Ok(match devices.get(device_id)? {
-        Some(g) => decode::<super::Device>(g.value())?.generation_id,
-        None => String::new(),
-    })
-}
-
-/// Drops the expired messages of a queue (with feedback); returns the rest.
-fn sweep(
-    c2d: &mut C2dTable<'_>,
-    feedback: &mut FeedbackTable<'_>,
-    meta: &mut MetaTable<'_>,
-    generation_id: &str,
-    device_id: &str,
-    now_ms: u64,
-) -> Result<Vec<C2dMessage>, RegistryError> {
-    let mut live = Vec::new();
-    for message in queue(c2d, device_id)? {
-        if message.expiry_ms <= now_ms {
-            finish(
-                c2d,
-                feedback,
-                meta,
-                generation_id,
-                &message,
-                Outcome::Expired,
-            )?;
-        } else {
-            live.push(message);
+impl Queues<'_> {
+    fn queue(&self, device_id: &str) -> Result<Vec<C2dMessage>, RegistryError> {
+        let mut messages = Vec::new();
+        for entry in self.c2d.range((device_id, 0)..=(device_id, u64::MAX))? {
+            let (_, value) = entry?;
+            messages.push(decode(value.value())?);
         }
+        Ok(messages)
     }
-    Ok(live)
+
+    /// The device's generation id ("" once it is deleted), for feedback records.
+    fn generation_of(&self, device_id: &str) -> Result<String, RegistryError> {
+        Ok(match self.devices.get(device_id)? {
+            Some(g) => decode::<super::Device>(g.value())?.generation_id,
+            None => String::new(),
+        })
+    }
+
+    /// Removes `message` from its queue, recording feedback when its ack mode asks for it.
+    fn finish(&mut self, message: &C2dMessage, outcome: Outcome) -> Result<(), RegistryError> {
+        self.c2d
+            .remove((message.device_id.as_str(), message.lock_token))?;
+        if message.ack.wants(outcome) {
+            let (status_code, description) = outcome.status();
+            let record = Feedback {
+                original_message_id: message.message_id.clone(),
+                device_id: message.device_id.clone(),
+                device_generation_id: self.generation_of(&message.device_id)?,
+                status_code: status_code.to_owned(),
+                description: description.to_owned(),
+                enqueued_time_utc: now_rfc3339(),
+            };
+            let seq = meta_value(&self.meta, META_FEEDBACK_SEQ)? + 1;
+            self.meta.insert(META_FEEDBACK_SEQ, seq)?;
+            self.feedback.insert(seq, encode(&record).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Drops the expired messages of a queue (with feedback); returns the rest.
+    fn sweep(&mut self, device_id: &str, now_ms: u64) -> Result<Vec<C2dMessage>, RegistryError> {
+        let mut live = Vec::new();
+        for message in self.queue(device_id)? {
+            if message.expiry_ms <= now_ms {
+                self.finish(&message, Outcome::Expired)?;
+            } else {
+                live.push(message);
+            }
+        }
+        Ok(live)
+    }
 }
 
 impl Registry {
+    /// Runs `f` on the queue tables in one write transaction, committed when it succeeds.
+    fn queues<T>(
+        &self,
+        f: impl FnOnce(&mut Queues<'_>) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let txn = self.db.begin_write()?;
+        let out = {
+            let mut queues = Queues {
+                devices: txn.open_table(DEVICES)?,
+                c2d: txn.open_table(C2D)?,
+                feedback: txn.open_table(FEEDBACK)?,
+                meta: txn.open_table(META)?,
+            };
+            f(&mut queues)?
+        };
+        txn.commit()?;
+        Ok(out)
+    }
+
     /// Appends a message to a device's queue. Fails with `DeviceNotFound`, or `QueueFull` when
     /// the queue holds `limit` unexpired messages.
     pub fn c2d_enqueue(
@@ -258,29 +263,15 @@ impl Registry {
         limit: usize,
         now_ms: u64,
     ) -> Result<C2dMessage, RegistryError> {
-        let txn = self.db.begin_write()?;
-        let message = {
-            let devices = txn.open_table(DEVICES)?;
-            if !exists(&devices, device_id)? {
+        self.queues(|q| {
+            if !exists(&q.devices, device_id)? {
                 return Err(RegistryError::DeviceNotFound);
             }
-            let generation_id = generation_of(&devices, device_id)?;
-            let mut c2d = txn.open_table(C2D)?;
-            let mut feedback = txn.open_table(FEEDBACK)?;
-            let mut meta = txn.open_table(META)?;
-            let queued = sweep(
-                &mut c2d,
-                &mut feedback,
-                &mut meta,
-                &generation_id,
-                device_id,
-                now_ms,
-            )?;
-            if queued.len() >= limit {
+            if q.sweep(device_id, now_ms)?.len() >= limit {
                 return Err(RegistryError::QueueFull);
             }
-            let lock_token = meta_value(&meta, META_C2D_SEQ)? + 1;
-            meta.insert(META_C2D_SEQ, lock_token)?;
+            let lock_token = meta_value(&q.meta, META_C2D_SEQ)? + 1;
+            q.meta.insert(META_C2D_SEQ, lock_token)?;
             let message = C2dMessage {
                 device_id: device_id.to_owned(),
                 lock_token,
@@ -296,11 +287,10 @@ impl Registry {
                 body: spec.body,
                 delivery_count: 0,
             };
-            c2d.insert((device_id, lock_token), encode(&message).as_slice())?;
-            message
-        };
-        txn.commit()?;
-        Ok(message)
+            q.c2d
+                .insert((device_id, lock_token), encode(&message).as_slice())?;
+            Ok(message)
+        })
     }
 
     /// The messages to deliver to a device now, in order, each counted as one more delivery.
@@ -312,103 +302,52 @@ impl Registry {
         max_deliveries: u32,
         now_ms: u64,
     ) -> Result<Vec<C2dMessage>, RegistryError> {
-        let txn = self.db.begin_write()?;
-        let deliver = {
-            let devices = txn.open_table(DEVICES)?;
-            let generation_id = generation_of(&devices, device_id)?;
-            let mut c2d = txn.open_table(C2D)?;
-            let mut feedback = txn.open_table(FEEDBACK)?;
-            let mut meta = txn.open_table(META)?;
-            let live = sweep(
-                &mut c2d,
-                &mut feedback,
-                &mut meta,
-                &generation_id,
-                device_id,
-                now_ms,
-            )?;
-            let mut deliver = Vec::with_capacity(live.len());
-            for mut message in live {
+        self.queues(|q| {
+            let mut deliver = Vec::new();
+            for mut message in q.sweep(device_id, now_ms)? {
                 if message.delivery_count >= max_deliveries {
-                    let outcome = Outcome::DeliveryCountExceeded;
-                    finish(
-                        &mut c2d,
-                        &mut feedback,
-                        &mut meta,
-                        &generation_id,
-                        &message,
-                        outcome,
-                    )?;
+                    q.finish(&message, Outcome::DeliveryCountExceeded)?;
                     continue;
                 }
                 message.delivery_count += 1;
-                c2d.insert((device_id, message.lock_token), encode(&message).as_slice())?;
+                q.c2d
+                    .insert((device_id, message.lock_token), encode(&message).as_slice())?;
                 deliver.push(message);
             }
-            deliver
-        };
-        txn.commit()?;
-        Ok(deliver)
+            Ok(deliver)
+        })
     }
 
     /// Completes messages the devices acknowledged, in one transaction. Unknown lock tokens
     /// (already completed, purged or expired) are ignored.
     pub fn c2d_complete(&self, completed: &[(String, u64)]) -> Result<(), RegistryError> {
-        let txn = self.db.begin_write()?;
-        {
-            let devices = txn.open_table(DEVICES)?;
-            let mut c2d = txn.open_table(C2D)?;
-            let mut feedback = txn.open_table(FEEDBACK)?;
-            let mut meta = txn.open_table(META)?;
+        self.queues(|q| {
             for (device_id, lock_token) in completed {
-                let message: Option<C2dMessage> = c2d
+                let message: Option<C2dMessage> = q
+                    .c2d
                     .get((device_id.as_str(), *lock_token))?
                     .map(|g| decode(g.value()))
                     .transpose()?;
                 if let Some(message) = message {
-                    let generation_id = generation_of(&devices, device_id)?;
-                    finish(
-                        &mut c2d,
-                        &mut feedback,
-                        &mut meta,
-                        &generation_id,
-                        &message,
-                        Outcome::Success,
-                    )?;
+                    q.finish(&message, Outcome::Success)?;
                 }
             }
-        }
-        txn.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Empties a device's queue; returns how many messages it held.
     pub fn c2d_purge(&self, device_id: &str) -> Result<u64, RegistryError> {
-        let txn = self.db.begin_write()?;
-        let purged = {
-            let devices = txn.open_table(DEVICES)?;
-            if !exists(&devices, device_id)? {
+        self.queues(|q| {
+            if !exists(&q.devices, device_id)? {
                 return Err(RegistryError::DeviceNotFound);
             }
-            let generation_id = generation_of(&devices, device_id)?;
-            let mut c2d = txn.open_table(C2D)?;
-            let mut feedback = txn.open_table(FEEDBACK)?;
-            let mut meta = txn.open_table(META)?;
-            let messages = queue(&c2d, device_id)?;
+            let messages = q.queue(device_id)?;
             for message in &messages {
-                finish(
-                    &mut c2d,
-                    &mut feedback,
-                    &mut meta,
-                    &generation_id,
-                    message,
-                    Outcome::Purged,
-                )?;
+                q.finish(message, Outcome::Purged)?;
             }
-            messages.len() as u64
-        };
-        txn.commit()?;
-        Ok(purged)
+            Ok(messages.len() as u64)
+        })
     }
 
     /// Messages in a device's queue (expired ones included until they are swept).
