@@ -740,3 +740,22 @@ fn twin_queries_group_count_filter_and_page() {
     assert_eq!(reply.status.as_u16(), 400);
     assert_eq!(error_code(&reply.json().unwrap()), 400006);
 }
+
+#[test]
+fn an_unacknowledged_c2d_message_is_delivered_again_on_reconnect() {
+    let hub = Hub::start();
+    let key = hub.create_sas_device("flaky");
+    let (mut client, _) = connect(&hub, "flaky", &key);
+    subscribe(&mut client, &["devices/flaky/messages/devicebound/#"]);
+    let (status, _) = send_c2d(&hub, "flaky", "once", &[("iothub-messageid", "again")]);
+    assert_eq!(status, 200);
+    let (topic, _, _) = next_publish(&mut client);
+    assert!(topic.contains("%24.mid=again"));
+    drop(client); // no PUBACK
+    let (mut client, present) = connect(&hub, "flaky", &key);
+    assert!(present);
+    let (topic, body, id) = next_publish(&mut client);
+    assert!(topic.contains("%24.mid=again"), "{topic}");
+    assert_eq!(body, b"once");
+    client.puback(id.unwrap()).unwrap();
+}
