@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ingot_engine::iothub::{push_c2d_topic_prefix, PropertyBagWriter, SystemProperty};
-use ingot_engine::services::{DeviceEvent, IdentityKey, Outbound, SubscriptionSet};
+use ingot_engine::services::{Budgeted, DeviceEvent, IdentityKey, Outbound, SubscriptionSet};
 use ingot_engine::shard::Engine;
 
 use crate::registry::{C2dMessage, Registry, RegistryError};
@@ -154,7 +154,7 @@ impl Devices {
     }
 
     fn handle(&self, batch: Vec<DeviceEvent>) {
-        let mut patches: Vec<(IdentityKey, u64, String, Vec<u8>)> = Vec::new();
+        let mut patches: Vec<(IdentityKey, u64, String, Budgeted)> = Vec::new();
         let mut completed: Vec<(String, u64)> = Vec::new();
         let mut sessions: Vec<(String, Option<Vec<String>>)> = Vec::new();
         let mut deliver: Vec<IdentityKey> = Vec::new();
@@ -243,14 +243,14 @@ impl Devices {
     }
 
     /// Commits reported patches in one transaction, then answers each device.
-    fn apply_patches(&self, patches: Vec<(IdentityKey, u64, String, Vec<u8>)>) {
+    fn apply_patches(&self, patches: Vec<(IdentityKey, u64, String, Budgeted)>) {
         if patches.is_empty() {
             return;
         }
         let mut parsed = Vec::with_capacity(patches.len());
         let mut invalid = Vec::new();
         for (i, (identity, _, _, body)) in patches.iter().enumerate() {
-            match serde_json::from_slice::<serde_json::Value>(body) {
+            match serde_json::from_slice::<serde_json::Value>(body.bytes()) {
                 Ok(value) => parsed.push((
                     identity.device_id.clone(),
                     identity.module_id.clone(),

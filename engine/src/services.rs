@@ -84,7 +84,7 @@ pub enum DeviceEvent {
         identity: IdentityKey,
         connection: ConnectionId,
         rid: String,
-        body: Vec<u8>,
+        body: Budgeted,
     },
     /// The device acknowledged (PUBACK) the C2D message with this lock token: it is complete.
     C2dCompleted {
@@ -139,4 +139,87 @@ pub enum MethodOutcome {
     NotOnline,
     /// The connection has the maximum number of calls in flight, or its queue is full.
     Busy,
+}
+
+/// Bytes that count against a shared budget until dropped: what devices put on the events queue
+/// is bounded in bytes as well as in entries.
+#[derive(Debug)]
+pub struct Budgeted {
+    bytes: Vec<u8>,
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Budgeted {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Budgeted {
+    fn drop(&mut self) {
+        self.used
+            .fetch_sub(self.bytes.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A byte budget shared by the shards (see [`Budgeted`]).
+#[derive(Debug, Clone)]
+pub struct ByteBudget {
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+impl ByteBudget {
+    pub fn new(max: usize) -> Self {
+        Self {
+            used: std::sync::Arc::default(),
+            max,
+        }
+    }
+
+    /// A copy of `bytes` charged to the budget, or `None` when it would exceed it.
+    pub fn take(&self, bytes: &[u8]) -> Option<Budgeted> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let len = bytes.len();
+        let mut used = self.used.load(Relaxed);
+        loop {
+            if used + len > self.max {
+                return None;
+            }
+            match self
+                .used
+                .compare_exchange_weak(used, used + len, Relaxed, Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => used = now,
+            }
+        }
+        Some(Budgeted {
+            bytes: bytes.to_vec(),
+            used: self.used.clone(),
+        })
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_returned_when_the_bytes_are_dropped() {
+        let budget = ByteBudget::new(10);
+        let a = budget.take(b"123456").unwrap();
+        assert!(budget.take(b"12345").is_none());
+        let b = budget.take(b"1234").unwrap();
+        assert_eq!(budget.used(), 10);
+        drop(a);
+        assert_eq!(budget.used(), 4);
+        assert_eq!(b.bytes(), b"1234");
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
 }

@@ -387,6 +387,15 @@ fn a_device_reaches_only_its_own_twin_methods_and_messages() {
         serde_json::from_slice::<Value>(&body).unwrap()["errorCode"],
         400004
     );
+    // A patch far over the limit is refused at the shard, never queued.
+    let huge = format!(r#"{{"x":"{}"}}"#, "y".repeat(200 * 1024));
+    let (status, _, _) = twin_call(
+        &mut a,
+        "$iothub/twin/PATCH/properties/reported/?$rid=big",
+        huge.as_bytes(),
+        "big",
+    );
+    assert_eq!(status, 400);
     let (status, _, query) = twin_call(
         &mut a,
         "$iothub/twin/PATCH/properties/reported/?$rid=3",

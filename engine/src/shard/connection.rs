@@ -43,6 +43,9 @@ const KEEPALIVE_CAP: Duration = Duration::from_secs(1767);
 const OUTBOUND_DEPTH: usize = 64;
 /// Direct method calls in flight on one connection.
 const METHODS_IN_FLIGHT_MAX: usize = 1024;
+/// Largest reported-properties patch passed to the control plane: the 32 KB section limit is
+/// measured without JSON punctuation, so the text may be longer, but not this much.
+const REPORTED_PATCH_BYTES_MAX: usize = 128 * 1024;
 /// C2D messages sent and not yet acknowledged on one connection (a queue holds at most 50).
 const C2D_IN_FLIGHT_MAX: usize = 64;
 
@@ -675,19 +678,40 @@ fn twin_request(
     let connection = channels.connection;
     let rid_owned = rid.to_owned();
     let event = match patch {
-        None => DeviceEvent::TwinGet {
+        None => Some(DeviceEvent::TwinGet {
             identity,
             connection,
             rid: rid_owned,
-        },
-        Some(body) => DeviceEvent::TwinReportedPatch {
-            identity,
-            connection,
-            rid: rid_owned,
-            body: body.to_vec(),
-        },
+        }),
+        // Larger than any valid patch: refused here, without queueing it.
+        Some(body) if body.len() > REPORTED_PATCH_BYTES_MAX => {
+            let body =
+                br#"{"errorCode":400004,"message":"The reported properties patch is too large."}"#;
+            let message = Outbound::TwinResponse {
+                status: 400,
+                rid: rid.to_owned(),
+                version: None,
+                body: body.to_vec(),
+            };
+            let set = SubscriptionSet::default();
+            let stats = &shard.shared.stats;
+            send_outbound(message, set, &mut InFlight::default(), stats, out);
+            return;
+        }
+        Some(body) => {
+            shard
+                .shared
+                .event_bytes
+                .take(body)
+                .map(|body| DeviceEvent::TwinReportedPatch {
+                    identity,
+                    connection,
+                    rid: rid_owned,
+                    body,
+                })
+        }
     };
-    if shard.shared.events.try_send(event).is_err() {
+    if event.is_none_or(|event| shard.shared.events.try_send(event).is_err()) {
         shard
             .shared
             .stats

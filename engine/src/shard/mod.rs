@@ -30,11 +30,14 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use stats::Stats;
 
 use crate::auth::device::{Credential, IdentityLookup};
-use crate::services::{DeviceEvent, IdentityKey, MethodOutcome, Outbound};
+use crate::services::{ByteBudget, DeviceEvent, IdentityKey, MethodOutcome, Outbound};
 use crate::store::{partition_of, PartitionId, PartitionLog};
 
 /// Queue depth of each shard's inbox (handoffs and control-plane commands).
 const INBOX_DEPTH: usize = 4096;
+/// Bytes of device payloads (reported patches) waiting on the control plane's events queue, over
+/// the whole hub; more are answered 429 at once.
+const EVENT_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How often each shard enforces retention on its partitions.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -176,6 +179,7 @@ impl Engine {
             .map(|n| n.get())
             .unwrap_or(1);
         let config = Arc::new(config);
+        let event_bytes = ByteBudget::new(EVENT_BYTES_MAX);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), EngineError>>();
         let mut handles = Vec::with_capacity(shards);
         for (id, ((inbox, partitions), sessions)) in inbox_receivers
@@ -186,6 +190,7 @@ impl Engine {
         {
             let shared = ShardShared {
                 events: services.events.clone(),
+                event_bytes: event_bytes.clone(),
                 id,
                 shard_count: shards,
                 partition_count,
@@ -352,6 +357,7 @@ struct ShardShared {
     peers: Vec<async_channel::Sender<ShardMsg>>,
     stats: Arc<Stats>,
     events: async_channel::Sender<DeviceEvent>,
+    event_bytes: ByteBudget,
 }
 
 /// A live, authenticated connection as its shard tracks it.
