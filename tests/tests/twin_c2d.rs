@@ -768,3 +768,50 @@ fn an_unacknowledged_c2d_message_is_delivered_again_on_reconnect() {
     assert_eq!(body, b"once");
     client.puback(id.unwrap()).unwrap();
 }
+
+#[test]
+fn a_connection_that_replaces_another_keeps_its_session() {
+    // A device whose network dropped reconnects before the hub noticed: the new connection
+    // replaces the old one and must keep the subscriptions (the Python SDK never resubscribes).
+    let hub = Hub::start();
+    let key = hub.create_sas_device("roamer");
+    let (mut first, _) = connect(&hub, "roamer", &key);
+    subscribe(&mut first, &["$iothub/methods/POST/#"]);
+    let (mut second, present) = connect(&hub, "roamer", &key);
+    assert!(
+        present,
+        "the session is present for the replacing connection"
+    );
+    first.expect_closed().unwrap();
+    let service = hub.client("service");
+    let call = std::thread::spawn(move || {
+        service
+            .request(
+                Method::POST,
+                "/twins/roamer/methods",
+                &[],
+                Some(
+                    &json!({"methodName": "where", "responseTimeoutInSeconds": 5,
+                             "connectTimeoutInSeconds": 5}),
+                ),
+            )
+            .unwrap()
+    });
+    let (topic, _, _) = next_publish(&mut second);
+    let rid = topic
+        .strip_prefix("$iothub/methods/POST/where/?$rid=")
+        .unwrap()
+        .to_owned();
+    second
+        .publish(
+            &format!("$iothub/methods/res/200/?$rid={rid}"),
+            b"\"here\"",
+            Some(1),
+        )
+        .unwrap();
+    let reply = call.join().unwrap();
+    assert_eq!(
+        reply.json().unwrap(),
+        json!({"status": 200, "payload": "here"})
+    );
+}

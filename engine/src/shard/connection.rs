@@ -65,6 +65,11 @@ pub struct Session {
     pub filters: Vec<String>,
 }
 
+/// A session as its shard and its connections share it: a connection that replaces another of
+/// the same client works on the same session from its first packet, while the old one closes.
+/// Borrowed only between awaits.
+pub type SharedSession = std::rc::Rc<std::cell::RefCell<Session>>;
+
 /// An authenticated CONNECT, as owned values that can move to another shard.
 #[derive(Debug)]
 pub struct Connected {
@@ -425,13 +430,9 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
     }
     let identity_key = IdentityKey::new(&connected.device_id, connected.module_id.as_deref());
     let events = &shard.shared.events;
-    let (mut session, present) = if connected.clean_session {
-        if shard
-            .sessions
-            .borrow_mut()
-            .remove(&connected.client_id)
-            .is_some()
-        {
+    let (session, present): (SharedSession, bool) = if connected.clean_session {
+        let ended = shard.sessions.borrow_mut().remove(&connected.client_id);
+        if ended.is_some() {
             let client_id = connected.client_id.clone();
             let ended = DeviceEvent::Session {
                 client_id,
@@ -439,11 +440,16 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
             };
             let _ = events.send(ended).await;
         }
-        (Session::default(), false)
+        (SharedSession::default(), false)
     } else {
-        match shard.sessions.borrow_mut().remove(&connected.client_id) {
-            Some(session) => (session, true),
-            None => (Session::default(), false),
+        let mut sessions = shard.sessions.borrow_mut();
+        match sessions.get(&connected.client_id) {
+            Some(session) => (session.clone(), true),
+            None => {
+                let session = SharedSession::default();
+                sessions.insert(connected.client_id.clone(), session.clone());
+                (session, false)
+            }
         }
     };
     shard.open_connections.set(shard.open_connections.get() + 1);
@@ -455,11 +461,12 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
         device_id: &connected.device_id,
         module_id: connected.module_id.as_deref(),
     };
+    let resumed = subscriptions(&session.borrow().filters, identity);
     let _ = events
         .send(DeviceEvent::Connected {
             identity: identity_key.clone(),
             connection: id,
-            subscriptions: subscriptions(&session.filters, identity),
+            subscriptions: resumed,
         })
         .await;
     let channels = Channels {
@@ -472,7 +479,7 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
         &shard,
         &mut transport,
         &connected,
-        &mut session,
+        &session,
         leftover,
         channels,
     )
@@ -492,12 +499,6 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
         if live.get(&key).is_some_and(|c| c.id == id) {
             live.remove(&key);
         }
-    }
-    if !connected.clean_session {
-        shard
-            .sessions
-            .borrow_mut()
-            .insert(connected.client_id.clone(), session);
     }
     shard
         .open_connections
@@ -766,7 +767,7 @@ async fn serve(
     shard: &Shard,
     transport: &mut Transport,
     connected: &Connected,
-    session: &mut Session,
+    session: &std::cell::RefCell<Session>,
     leftover: Vec<u8>,
     channels: Channels<'_>,
 ) -> Ended {
@@ -924,24 +925,26 @@ async fn serve(
                         }
                     }
                     Packet::Subscribe(subscribe) => {
+                        let mut session = session.borrow_mut();
                         let before = session.filters.len();
                         let codes: Vec<SubackCode> = subscribe
                             .filters()
-                            .map(|(filter, qos)| grant(filter, qos, identity, session))
+                            .map(|(filter, qos)| grant(filter, qos, identity, &mut session))
                             .collect();
                         let _ = mqtt::encode_suback(&mut out, subscribe.packet_id, &codes);
                         if session.filters.len() != before {
-                            subscriptions_changed(shard, connected, channels, session);
+                            subscriptions_changed(shard, connected, channels, &session);
                         }
                     }
                     Packet::Unsubscribe(unsubscribe) => {
+                        let mut session = session.borrow_mut();
                         let before = session.filters.len();
                         for filter in unsubscribe.filters() {
                             session.filters.retain(|f| f != filter);
                         }
                         mqtt::encode_unsuback(&mut out, unsubscribe.packet_id);
                         if session.filters.len() != before {
-                            subscriptions_changed(shard, connected, channels, session);
+                            subscriptions_changed(shard, connected, channels, &session);
                         }
                     }
                     Packet::Pingreq => mqtt::encode_pingresp(&mut out),
@@ -1108,7 +1111,7 @@ async fn serve(
             Wake::Outbound(message) => {
                 // Take what else is queued too (bounded by the queue's depth), then write it all
                 // in one go at the top of the loop.
-                let set = subscriptions(&session.filters, identity);
+                let set = subscriptions(&session.borrow().filters, identity);
                 send_outbound(message, set, &mut in_flight, stats, &mut out);
                 while let Ok(message) = channels.outbound.try_recv() {
                     send_outbound(message, set, &mut in_flight, stats, &mut out);

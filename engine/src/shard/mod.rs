@@ -378,7 +378,7 @@ struct Shard {
     /// Live connections by identity (`device` or `device/module`): one per identity.
     live: RefCell<HashMap<String, LiveConnection>>,
     /// Subscriptions of clean-session-0 clients, by client id, kept across reconnects.
-    sessions: RefCell<HashMap<String, connection::Session>>,
+    sessions: RefCell<HashMap<String, connection::SharedSession>>,
     next_connection_id: Cell<u64>,
     open_connections: Cell<usize>,
     /// Connect-rate limiters, one per listener (`[plain, tls]`), each with this shard's share.
@@ -415,7 +415,12 @@ async fn run_shard(
         partitions: RefCell::new(partitions.into_iter().map(|p| (p.id().0, p)).collect()),
         shared,
         live: RefCell::default(),
-        sessions: RefCell::new(sessions),
+        sessions: RefCell::new(
+            sessions
+                .into_iter()
+                .map(|(id, s)| (id, Rc::new(RefCell::new(s))))
+                .collect(),
+        ),
         next_connection_id: Cell::new(0),
         open_connections: Cell::new(0),
         rate: [
