@@ -632,6 +632,18 @@ fn modules_have_their_own_twin_and_methods() {
     assert_eq!(module_twin["properties"]["reported"]["module"], "m1");
     let (_, device_twin) = rest(&hub, "service", Method::GET, "/twins/edge", None);
     assert_eq!(device_twin["properties"]["reported"]["module"], Value::Null);
+    let (status, found) = rest(
+        &hub,
+        "service",
+        Method::POST,
+        "/devices/query",
+        Some(
+            json!({"query": "SELECT * FROM devices.modules WHERE properties.reported.module = 'm1'"}),
+        ),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(found.as_array().unwrap().len(), 1);
+    assert_eq!(found[0]["moduleId"], "m1");
 
     let service = hub.client("service");
     let call = std::thread::spawn(move || {
