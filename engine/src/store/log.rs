@@ -401,13 +401,13 @@ impl PartitionLog {
             self.config.index_interval_bytes,
         )?;
         let old = std::mem::replace(&mut self.active, new);
-        self.helper.follow(follow);
-        self.helper.request_prepare();
         self.sealed.push_back(SealedSegment {
             base: old.base,
             file_bytes: old.map.len() as u64,
             last_time_ms: old.last_time_ms,
         });
+        self.helper.follow(follow, old.map);
+        self.helper.request_prepare();
         Ok(())
     }
 

@@ -124,8 +124,13 @@ pub(super) fn reserve(
 
 enum Request {
     Prepare,
-    /// From now on flush this file (the new active segment); flush the previous one once more.
-    Follow(File),
+    /// From now on flush this file (the new active segment); flush the previous one once more,
+    /// unmap it (off the append path: unmapping a whole segment takes milliseconds) and start
+    /// its write-back, and drop the pages of the segment sealed before it from the page cache.
+    Follow {
+        next: File,
+        sealed: WriteMap,
+    },
 }
 
 /// The handle the writer keeps to its helper thread.
@@ -210,9 +215,14 @@ impl Helper {
         prepare_segment(&self.dir, self.segment_bytes, &self.faults)
     }
 
-    pub(super) fn follow(&mut self, active: File) {
+    /// Hands over a roll: `active` is the new active segment's file, `sealed` the mapping of
+    /// the segment just sealed.
+    pub(super) fn follow(&mut self, active: File, sealed: WriteMap) {
         if let Some(requests) = &self.requests {
-            let _ = requests.send(Request::Follow(active));
+            let _ = requests.send(Request::Follow {
+                next: active,
+                sealed,
+            });
         }
     }
 
@@ -251,6 +261,7 @@ fn helper_loop(
             sync_failed.store(true, Ordering::SeqCst);
         }
     };
+    let mut written_back: Option<File> = None;
     loop {
         let request = match flush_interval {
             Some(interval) => match requests.recv_timeout(interval) {
@@ -273,11 +284,35 @@ fn helper_loop(
                     break;
                 }
             }
-            Request::Follow(next) => {
+            Request::Follow { next, sealed } => {
                 flush(&active);
+                drop(sealed);
+                // The segment sealed at the previous roll has been written back since (its
+                // write-back started then): its clean pages leave the page cache now, just before
+                // the next preparation, which takes the same memory again. Then the segment just
+                // sealed starts its write-back, to be dropped at the next roll.
+                if let Some(older) = written_back.replace(active) {
+                    evict(&older);
+                }
+                if let Some(just_sealed) = &written_back {
+                    evict(just_sealed);
+                }
                 active = next;
             }
         }
     }
     flush(&active);
+}
+
+/// `POSIX_FADV_DONTNEED` on a whole sealed segment: the kernel starts writing back its dirty
+/// pages (without waiting) and drops the clean ones that no process maps, so a reader that has
+/// them mapped keeps them. Why the writer bounds its page cache at about three segments
+/// (active, prepared, last sealed) instead of leaving every byte it wrote cached until memory
+/// runs short: preparing a segment makes the kernel allocate and zero a page per 4 KiB, and
+/// memory that has been free for a while costs far more to touch the first time than memory
+/// freed a moment ago (on the virtual machines measured, where free memory goes back to the
+/// host: 60-85 ms against 21 ms per 64 MiB; perf/README.md). Readers more than a segment
+/// behind read from the disk instead of the cache. Best effort: errors change nothing.
+fn evict(file: &File) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
 }
