@@ -1,7 +1,9 @@
 //! Segment store appends: what every device message pays on its way to PUBACK.
 //!
 //! Batches of 64 messages (one group commit each) of 100 B, 1 KiB and 16 KiB bodies, for each
-//! fsync policy, into 64 MiB segments that the helper thread preallocates and prefaults. Beside
+//! fsync policy, into 64 MiB segments that the helper thread prepares (sparse, write-faulted) and,
+//! once sealed, writes back and drops from the page cache. Run it pinned to one CPU (as
+//! bench/regress does) to charge that helper work to the appends, as on a hub core. Beside
 //! them, `memcpy` of the same bytes into a prefaulted buffer: the ceiling an append through a
 //! mapping can approach.
 

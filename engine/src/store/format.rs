@@ -326,7 +326,18 @@ pub fn seal_record(
     let len_word = payload_len as u32;
     let prefix = header_prefix(len_word, offset, enqueued_time_ms);
     let end = RECORD_HEADER_BYTES + payload_len;
-    let checksum = record_checksum(&prefix, &out[RECORD_HEADER_BYTES..end]);
+    // The checksum covers header bytes 0..24 and then the payload, which the checksum field
+    // separates. Lay those 24 bytes out right before the payload (over bytes 8..32, which are
+    // written for real just below), so that one call hashes one contiguous run: the streaming
+    // hasher that `record_checksum` uses costs several times more (it was a fifth of the
+    // shard's time at 1 KiB messages). The length word (bytes 0..4) is not touched, so nothing
+    // of this is visible to a reader.
+    out[8..RECORD_HEADER_BYTES].copy_from_slice(&prefix);
+    let checksum = xxh3_64(&out[8..end]);
+    debug_assert_eq!(
+        checksum,
+        record_checksum(&prefix, &out[RECORD_HEADER_BYTES..end])
+    );
     out[4..24].copy_from_slice(&prefix[4..]);
     out[24..32].copy_from_slice(&checksum.to_le_bytes());
     out[end..].fill(0);

@@ -16,7 +16,7 @@ use super::format::{
 use super::index::{self, IndexPolicy, IndexWriter};
 use super::layout::{self, DirLock, PREPARED_NAME};
 use super::mmap::{ReadMap, WriteMap};
-use super::prepare::{prepare_segment, Helper, PrepareFaults, Prepared};
+use super::prepare::{prepare_segment, reserve, Helper, PrepareFaults, Prepared};
 use super::recover::{resync, scan_from, scan_segment, zero_tail, Scan, Stop};
 use super::{partition_of, Fsync, Offset, PartitionId, StoreConfig, StoreError};
 
@@ -137,6 +137,10 @@ struct ActiveSegment {
     map: WriteMap,
     /// Where the next record goes.
     end: usize,
+    /// Where the pages ready for appends end (see `prepare::reserve`): the mapping's length,
+    /// unless recovery could not reserve the rest of the segment (a full disk), in which case
+    /// the next append tries again and is refused while it fails.
+    ready: usize,
     /// Start of the bytes written since the last flush.
     unflushed_from: usize,
     index: IndexWriter,
@@ -169,7 +173,7 @@ impl PartitionLog {
         let _ = fs::remove_file(dir.join(PREPARED_NAME));
         let mut bases = layout::list_segments(&dir)?;
         if bases.is_empty() {
-            let prepared = prepare_segment(&dir, config.segment_bytes_max, true, &faults)?;
+            let prepared = prepare_segment(&dir, config.segment_bytes_max, &faults)?;
             install_segment(
                 &dir,
                 prepared,
@@ -189,7 +193,7 @@ impl PartitionLog {
         for &base in sealed_bases {
             sealed.push_back(open_sealed(&dir, base, config.index_interval_bytes)?);
         }
-        let (active, next_offset) = recover_active(&dir, active_base, config)?;
+        let (active, next_offset) = recover_active(&dir, active_base, config, &faults)?;
         let last_time_ms = active
             .last_time_ms
             .or_else(|| sealed.back().and_then(|s| s.last_time_ms))
@@ -290,6 +294,8 @@ impl PartitionLog {
         }
         if self.active.end + batch_bytes > self.active.map.len() {
             self.roll()?;
+        } else if self.active.end + batch_bytes > self.active.ready {
+            self.reserve_active()?;
         }
         let start = self.next_offset;
         let time_ms = now_ms.max(self.last_time_ms);
@@ -361,6 +367,21 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Retries what recovery could not do (a full disk at open): reserve the rest of the active
+    /// segment before anything is written there. Runs on the append path, once.
+    fn reserve_active(&mut self) -> Result<(), StoreError> {
+        let active = &mut self.active;
+        reserve(&active.file, &active.map, active.end, self.helper.faults()).map_err(|e| {
+            StoreError::io(
+                "preallocate",
+                layout::segment_path(&self.dir, active.base),
+                e,
+            )
+        })?;
+        active.ready = active.map.len();
+        Ok(())
+    }
+
     /// Seals the active segment and starts the prepared one at `next_offset`.
     fn roll(&mut self) -> Result<(), StoreError> {
         let prepared = self.helper.take_prepared()?;
@@ -380,13 +401,13 @@ impl PartitionLog {
             self.config.index_interval_bytes,
         )?;
         let old = std::mem::replace(&mut self.active, new);
-        self.helper.follow(follow);
-        self.helper.request_prepare();
         self.sealed.push_back(SealedSegment {
             base: old.base,
             file_bytes: old.map.len() as u64,
             last_time_ms: old.last_time_ms,
         });
+        self.helper.follow(follow, old.map);
+        self.helper.request_prepare();
         Ok(())
     }
 
@@ -491,6 +512,7 @@ fn install_segment(
     Ok(ActiveSegment {
         base,
         file: prepared.file,
+        ready: prepared.map.len(),
         map: prepared.map,
         end: SEGMENT_HEADER_BYTES,
         unflushed_from: SEGMENT_HEADER_BYTES,
@@ -550,6 +572,7 @@ fn recover_active(
     dir: &Path,
     base: Offset,
     config: &StoreConfig,
+    faults: &PrepareFaults,
 ) -> Result<(ActiveSegment, Offset), StoreError> {
     let path = layout::segment_path(dir, base);
     let file = OpenOptions::new()
@@ -557,7 +580,7 @@ fn recover_active(
         .write(true)
         .open(&path)
         .map_err(|e| StoreError::io("open", &path, e))?;
-    let mut map = WriteMap::new(&file, true).map_err(|e| StoreError::io("map", &path, e))?;
+    let mut map = WriteMap::new(&file).map_err(|e| StoreError::io("map", &path, e))?;
     if map.len() < SEGMENT_HEADER_BYTES {
         return Err(StoreError::Damaged {
             path,
@@ -586,8 +609,11 @@ fn recover_active(
             })
         }
     }
-    // The rest of the segment will be appended to: take its page faults now, not per append.
-    let _ = map.prefault_for_write(SEGMENT_HEADER_BYTES);
+    // The rest of the segment will be appended to: take its page faults (and reserve its
+    // blocks) now, not per append. On a full disk the hub still opens; appends are refused
+    // until the reservation succeeds. Zeroing a torn tail below needs no reservation: nonzero
+    // bytes lie on pages that already have their blocks.
+    let reserved = reserve(&file, &map, SEGMENT_HEADER_BYTES, faults).is_ok();
     let interval = Some(config.index_interval_bytes);
     let mut scan = scan_segment(map.bytes(), base, interval);
     // Damage followed by valid records is not a torn tail (a crash tears only the end): keep
@@ -615,6 +641,7 @@ fn recover_active(
     let active = ActiveSegment {
         base,
         file,
+        ready: if reserved { map.len() } else { scan.end },
         map,
         end: scan.end,
         unflushed_from: scan.end,
@@ -870,6 +897,37 @@ mod tests {
         let records = read_all(dir.path());
         assert_eq!(records.len() as u64, next.0 + 1);
         assert!(records.iter().enumerate().all(|(i, r)| r.0 == i as u64));
+    }
+
+    #[test]
+    fn an_active_segment_recovery_could_not_reserve_is_reserved_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), config()).unwrap();
+        let log = store.partition_mut(PartitionId(0)).unwrap();
+        append(log, 0..10, 10, 1000);
+        // What `recover_active` leaves when the disk was full at open.
+        log.active.ready = log.active.end;
+        log.fail_next_preparations(1);
+        let payload = [1u8; 100];
+        let message = MessageRef {
+            system_properties: &[],
+            application_properties: &[],
+            body: &payload,
+        };
+        assert!(matches!(
+            log.append_batch(&[message], 2000),
+            Err(StoreError::DiskFull { .. })
+        ));
+        assert_eq!(
+            log.next_offset(),
+            Offset(10),
+            "a refused batch takes no offset"
+        );
+        assert_eq!(log.segment_count(), 1, "and does not roll");
+        append(log, 10..20, 5, 3000);
+        assert_eq!(log.active.ready, log.active.map.len());
+        drop(store);
+        assert_eq!(read_all(dir.path()), expected(0..20));
     }
 
     #[test]

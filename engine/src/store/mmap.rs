@@ -9,11 +9,16 @@
 //! 1. **One writer per partition.** The writer holds an exclusive `flock` on the partition
 //!    directory for as long as it has any segment of it mapped writable. A second writer fails
 //!    to take the lock and never maps anything.
-//! 2. **Preallocated, never truncated.** A segment is created at its full size with `fallocate`
-//!    (real blocks, not a sparse hole) before it is mapped, so no page fault needs a block
-//!    allocation (no SIGBUS on ENOSPC). No code of the store ever shrinks a segment file; a torn
-//!    tail is zeroed in place, and retention unlinks whole files, which leaves existing mappings
-//!    intact on Linux.
+//! 2. **Full size, write-faulted in advance, never truncated.** A segment is created at its full
+//!    size (`ftruncate`, a sparse file) and every page of it is write-faulted on the writer's
+//!    helper thread before the segment is used ([`WriteMap::prefault_for_write`]). That fault is
+//!    where the file system reserves (delayed allocation) or allocates the page's block, so a
+//!    full disk shows up there, as an error the helper reports, not later as SIGBUS on the
+//!    append path; after it no store into the segment needs a block allocation. Where the
+//!    kernel cannot prefault (before Linux 5.14) the segment's blocks are allocated with
+//!    `fallocate` instead. No code of the store ever shrinks a segment file; a torn tail is
+//!    zeroed in place, and retention unlinks whole files, which leaves existing mappings intact
+//!    on Linux. Readers see the pages no record reached as zeros (a hole reads as zeros).
 //! 3. **Published bytes are immutable.** The writer fills a record's bytes (everything except
 //!    its first 4 bytes), then stores the length word with release ordering. A reader loads the
 //!    length word with acquire ordering and only then forms a `&[u8]` over the record; those
@@ -44,29 +49,26 @@ pub(super) struct WriteMap {
 }
 
 impl WriteMap {
-    /// Maps all of `file` (already preallocated to its final size) read-write. With `populate`
-    /// the kernel prefaults every page now (`MAP_POPULATE`), which is why this runs on the
-    /// preparation thread, not on the append path.
-    pub(super) fn new(file: &File, populate: bool) -> io::Result<WriteMap> {
-        let mut options = MmapOptions::new();
-        if populate {
-            options.populate();
-        }
+    /// Maps all of `file` (already at its final size) read-write. No page is faulted in here:
+    /// see [`WriteMap::prefault_for_write`].
+    pub(super) fn new(file: &File) -> io::Result<WriteMap> {
         // SAFETY: the caller holds the partition's exclusive flock (rule 1 of the module docs),
-        // so no other writer maps or modifies this file; the file was fallocated to its full
-        // size and is never truncated while mapped (rule 2), so every page of the mapping stays
-        // backed by the file for the mapping's lifetime.
-        let map = unsafe { options.map_mut(file)? };
+        // so no other writer maps or modifies this file; the file has its full size and is
+        // never truncated while mapped (rule 2), so every page of the mapping stays backed by
+        // the file for the mapping's lifetime.
+        let map = unsafe { MmapOptions::new().map_mut(file)? };
         Ok(WriteMap { map })
     }
 
     /// Write-faults every page from `from` on now (`MADV_POPULATE_WRITE`, Linux 5.14+), so
-    /// that the first store into each page on the append path takes no fault at all.
-    /// `MAP_POPULATE` alone maps the pages of a shared mapping read-only, and each first write
-    /// then pays a write-protect fault into the file system (measured here: appends of 100 B
-    /// and 1 KiB bodies took twice as long). The price is that the kernel writes the zeroed
-    /// pages back once, in the background, off the hot path. An error (an older kernel) only
-    /// means the faults happen later.
+    /// that no store on the append path takes a page fault, and so that the file system
+    /// reserves each page's block now (rule 2): a full disk fails this call (the kernel reports
+    /// the failed fault as `EFAULT`) instead of raising SIGBUS later. Only the write populate:
+    /// `MAP_POPULATE` would first read-fault every page, and on ext4 reading fallocated
+    /// (unwritten) extents goes through readahead that zeroes each folio, which cost ten times
+    /// more CPU than this (measured: 160 ms against 17 ms per 64 MiB, see perf/README.md).
+    /// Faulting a hole still makes the kernel zero each page once; that is the price of a
+    /// mapping, paid here on the helper thread. `EINVAL` means the kernel cannot do it.
     pub(super) fn prefault_for_write(&self, from: usize) -> io::Result<()> {
         let start = from - from % super::PAGE_BYTES as usize;
         if start >= self.map.len() {

@@ -17,10 +17,17 @@
 //! The trade-off: writing through a shared mapping makes an append a `memcpy` (no syscall per
 //! batch unless the policy asks for a flush), and lets readers see a record as soon as its
 //! length word is published, at the price of an unsafe boundary. That boundary lives in
-//! [`mmap`](self::mmap) alone, and its soundness rests on three rules: segments are fully
-//! preallocated with `fallocate` before they are mapped (no SIGBUS, no ENOSPC on a page fault),
-//! no mapped file is ever truncated, and a record's bytes never change once its length word is
+//! [`mmap`](self::mmap) alone, and its soundness rests on three rules: segments are created at
+//! full size and every page is write-faulted (its block reserved) on the writer's helper thread
+//! before any append touches it (no SIGBUS, no ENOSPC on a page fault on the append path), no
+//! mapped file is ever truncated, and a record's bytes never change once its length word is
 //! published.
+//!
+//! What appending costs besides the `memcpy` is the kernel's: a page of page cache allocated,
+//! zeroed and write-faulted per 4 KiB, all on the helper thread, which shares the shard's core.
+//! `prepare.rs` says why segments are sparse (not `fallocate`d) and why sealed segments leave
+//! the page cache (the writer's footprint stays at about three segments, so each new segment
+//! reuses memory freed a moment before); perf/README.md has the measurements.
 
 mod checkpoint;
 pub mod format;
