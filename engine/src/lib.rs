@@ -12,6 +12,7 @@ pub mod iothub;
 pub mod limits;
 pub mod mqtt;
 pub mod net;
+pub mod route;
 pub mod services;
 pub mod shard;
 pub mod store;
