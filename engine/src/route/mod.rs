@@ -1,0 +1,296 @@
+//! Message routing: the IoT Hub routing query language and route tables (sans-IO).
+//!
+//! A route condition (azure-protocol.md section 7.2, `docs/routing.md`) is parsed once
+//! ([`parse`]), compiled to a flat program ([`Condition`]) and evaluated per message by an
+//! [`Evaluator`] the caller keeps per shard, against any [`MessageView`]. Evaluation does not
+//! recurse and, once the evaluator's buffers have grown to fit, does not allocate; `$body` is
+//! parsed with simd-json at most once per message, and only when a condition reaches it.
+//!
+//! A [`RouteTable`] is a compiled, immutable set of routes: [`RouteTable::matches`] fills an
+//! [`EndpointSet`] with the endpoints one message goes to.
+
+mod compile;
+mod eval;
+mod message;
+pub mod parse;
+
+#[cfg(test)]
+mod tests;
+
+pub use compile::Condition;
+pub use eval::{Evaluator, Outcome, Session, SCRATCH_BYTES_MAX};
+pub use message::{body_encoding, eq_ignore_case, BodyEncoding, MessageView, RouteMessage};
+pub use parse::ParseError;
+
+/// Azure's limit on routes per hub (paid tiers).
+pub const ROUTES_MAX: usize = 100;
+/// Longest route name.
+pub const ROUTE_NAME_BYTES_MAX: usize = 64;
+/// The built-in endpoint, always index 0 of a table's endpoints.
+pub const EVENTS_ENDPOINT: &str = "events";
+
+/// Which messages a route sees (ARM `source`; the sources Ingot produces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteSource {
+    DeviceMessages,
+    TwinChangeEvents,
+    DeviceLifecycleEvents,
+    DeviceConnectionStateEvents,
+}
+
+/// One route as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub name: String,
+    pub source: RouteSource,
+    /// The condition; `None` matches every message.
+    pub condition: Option<String>,
+    /// Endpoint names; Azure takes exactly one per route.
+    pub endpoint_names: Vec<String>,
+    pub is_enabled: bool,
+}
+
+/// The fallback route: device messages that no route matched go to `events` when enabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallbackRoute {
+    pub enabled: bool,
+}
+
+impl Default for FallbackRoute {
+    fn default() -> Self {
+        FallbackRoute { enabled: true }
+    }
+}
+
+/// Why a set of routes does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    #[error("too many routes: {count} (at most {ROUTES_MAX})")]
+    TooManyRoutes { count: usize },
+    #[error("invalid route name '{name}': use 1 to 64 letters, digits, '.', '_' or '-'")]
+    InvalidName { name: String },
+    #[error("duplicate route name '{name}'")]
+    DuplicateName { name: String },
+    #[error("route '{route}' must name exactly one endpoint, not {count}")]
+    EndpointCount { route: String, count: usize },
+    #[error("route '{route}' has an empty endpoint name")]
+    EmptyEndpointName { route: String },
+    #[error("route '{route}': invalid condition: {error}")]
+    Condition { route: String, error: ParseError },
+}
+
+/// A set of endpoint indexes (into [`RouteTable::endpoint_names`]): a 128-bit set, enough for
+/// 100 routes of one endpoint each plus `events`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct EndpointSet(u128);
+
+impl EndpointSet {
+    /// Largest number of distinct endpoints a set (and so a table) can hold.
+    pub const CAPACITY: usize = 128;
+
+    pub fn new() -> EndpointSet {
+        EndpointSet(0)
+    }
+
+    pub fn insert(&mut self, index: usize) {
+        if index < Self::CAPACITY {
+            self.0 |= 1 << index;
+        }
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        index < Self::CAPACITY && self.0 & (1 << index) != 0
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = 0;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    /// The indexes in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let index = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(index)
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CompiledRoute {
+    source: RouteSource,
+    /// `None`: no condition, always matches.
+    condition: Option<Condition>,
+    endpoint: usize,
+}
+
+/// What routing one message found, besides the endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteReport {
+    /// Routes whose condition was evaluated and `true` (a route whose endpoint an earlier route
+    /// already chose is skipped, not evaluated).
+    pub matched: u32,
+    /// Conditions that evaluated to undefined, null or a non-boolean (Azure logs a routing
+    /// error for each; the route does not match).
+    pub undefined: u32,
+    /// Whether the fallback route delivered the message to `events`.
+    pub fallback: bool,
+}
+
+/// Compiled routes, immutable once built (swap a new table in to change routes).
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Enabled routes only, in configuration order.
+    routes: Vec<CompiledRoute>,
+    /// `events` first, then every other endpoint name in order of first use.
+    endpoints: Vec<String>,
+    fallback: bool,
+    /// No routes were configured at all: every device message goes to `events`.
+    empty: bool,
+}
+
+fn valid_route_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= ROUTE_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl RouteTable {
+    /// Validates and compiles routes: names (1-64 of `A-Za-z0-9._-`, unique), at most 100
+    /// routes, exactly one endpoint each, and every condition (also of disabled routes).
+    pub fn compile(
+        routes: &[RouteSpec],
+        fallback: FallbackRoute,
+    ) -> Result<RouteTable, RouteError> {
+        if routes.len() > ROUTES_MAX {
+            return Err(RouteError::TooManyRoutes {
+                count: routes.len(),
+            });
+        }
+        let mut endpoints = vec![EVENTS_ENDPOINT.to_owned()];
+        let mut compiled = Vec::with_capacity(routes.len());
+        for (i, route) in routes.iter().enumerate() {
+            if !valid_route_name(&route.name) {
+                return Err(RouteError::InvalidName {
+                    name: route.name.clone(),
+                });
+            }
+            if routes[..i].iter().any(|r| r.name == route.name) {
+                return Err(RouteError::DuplicateName {
+                    name: route.name.clone(),
+                });
+            }
+            let [endpoint_name] = route.endpoint_names.as_slice() else {
+                return Err(RouteError::EndpointCount {
+                    route: route.name.clone(),
+                    count: route.endpoint_names.len(),
+                });
+            };
+            if endpoint_name.is_empty() {
+                return Err(RouteError::EmptyEndpointName {
+                    route: route.name.clone(),
+                });
+            }
+            let condition = match &route.condition {
+                None => None,
+                Some(text) => {
+                    Some(
+                        Condition::compile(text).map_err(|error| RouteError::Condition {
+                            route: route.name.clone(),
+                            error,
+                        })?,
+                    )
+                }
+            };
+            let endpoint = match endpoints.iter().position(|e| e == endpoint_name) {
+                Some(index) => index,
+                None => {
+                    endpoints.push(endpoint_name.clone());
+                    endpoints.len() - 1
+                }
+            };
+            if route.is_enabled {
+                compiled.push(CompiledRoute {
+                    source: route.source,
+                    condition,
+                    endpoint,
+                });
+            }
+        }
+        Ok(RouteTable {
+            routes: compiled,
+            endpoints,
+            fallback: fallback.enabled,
+            empty: routes.is_empty(),
+        })
+    }
+
+    /// The endpoint names, indexed as in [`EndpointSet`]; index 0 is always `events`.
+    pub fn endpoint_names(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Whether any enabled route reads this source (non-telemetry events need not be produced
+    /// at all when none does).
+    pub fn has_source(&self, source: RouteSource) -> bool {
+        self.routes.iter().any(|r| r.source == source)
+            || (source == RouteSource::DeviceMessages && (self.fallback || self.empty))
+    }
+
+    /// Routes one message: clears `out`, then adds the endpoint of every enabled route of
+    /// `source` whose condition is `true` (each endpoint once). Device messages that no route
+    /// matched go to `events` when the fallback is enabled, and every device message does when
+    /// the table has no routes at all. Other sources go only where their routes send them.
+    pub fn matches<M: MessageView + ?Sized>(
+        &self,
+        source: RouteSource,
+        message: &M,
+        evaluator: &mut Evaluator,
+        out: &mut EndpointSet,
+    ) -> RouteReport {
+        out.clear();
+        let mut report = RouteReport::default();
+        let mut session = evaluator.session(message);
+        for route in self.routes.iter().filter(|r| r.source == source) {
+            // A route whose endpoint is already chosen cannot add anything: skip its condition.
+            if out.contains(route.endpoint) {
+                continue;
+            }
+            let outcome = match &route.condition {
+                None => Outcome::Match,
+                Some(condition) => session.evaluate(condition),
+            };
+            match outcome {
+                Outcome::Match => {
+                    report.matched += 1;
+                    out.insert(route.endpoint);
+                }
+                Outcome::NoMatch => {}
+                Outcome::Undefined => report.undefined += 1,
+            }
+        }
+        if source == RouteSource::DeviceMessages
+            && report.matched == 0
+            && (self.fallback || self.empty)
+        {
+            report.fallback = true;
+            out.insert(0);
+        }
+        report
+    }
+}
