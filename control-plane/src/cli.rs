@@ -59,6 +59,9 @@ pub enum Command {
     Twin(TwinCommand),
     /// Call a direct method on a device or module and print its answer.
     Method(MethodArgs),
+    /// Message routing.
+    #[command(subcommand)]
+    Route(RouteCommand),
     /// Print a SAS token for a device, a module or a shared access policy.
     SasToken(SasTokenArgs),
     /// Print the events of the built-in endpoint, one JSON object per line (reads the segment
@@ -204,6 +207,24 @@ pub struct MethodArgs {
     connect_timeout: u64,
     #[command(flatten)]
     connection: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Evaluate a route condition against a message, offline: prints match, noMatch or undefined
+    /// (or where the condition does not parse).
+    Test {
+        /// The condition, in the IoT Hub routing query language (docs/routing.md).
+        #[arg(long)]
+        condition: String,
+        /// The message: one line of `ingot monitor-events` (`body`, `properties`,
+        /// `systemProperties` by their stored names, `bodyEncoding`).
+        #[arg(long, value_name = "FILE")]
+        message: PathBuf,
+        /// The sender's twin for `$twin` references (the JSON of `ingot twin show`).
+        #[arg(long, value_name = "FILE")]
+        twin: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -463,6 +484,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::C2d(command) => c2d(command),
         Command::Twin(command) => twin(command),
         Command::Method(args) => method(args),
+        Command::Route(RouteCommand::Test {
+            condition,
+            message,
+            twin,
+        }) => route_test(&condition, &message, twin.as_deref()),
         Command::MonitorEvents(args) => crate::monitor::monitor_events(&args),
         Command::Log(LogCommand::Verify(args)) => crate::monitor::log_verify(&args),
     }
@@ -1024,4 +1050,73 @@ fn method(args: MethodArgs) -> anyhow::Result<()> {
             .request(Method::POST, &path, &[], Some(&body))?
             .success()?,
     )
+}
+
+/// The properties of a message file's object member, as (name, value) strings.
+fn string_pairs(message: &Value, member: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let Some(object) = message.get(member) else {
+        return Ok(Vec::new());
+    };
+    let object = object
+        .as_object()
+        .with_context(|| format!("'{member}' must be an object"))?;
+    object
+        .iter()
+        .map(|(name, value)| match value {
+            Value::String(text) => Ok((name.clone(), text.clone())),
+            other => bail!("'{member}.{name}' must be a string, not {other}"),
+        })
+        .collect()
+}
+
+fn route_test(
+    condition: &str,
+    message_file: &std::path::Path,
+    twin_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use ingot_engine::route::{Condition, Evaluator, Outcome, RouteMessage};
+    use ingot_engine::store::{MessageRef, PropertyRef};
+
+    let compiled = Condition::compile(condition)
+        .map_err(|e| anyhow::anyhow!("the condition does not parse: {e}"))?;
+    let read_json = |path: &std::path::Path| -> anyhow::Result<Value> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+    };
+    let message = read_json(message_file)?;
+    let twin = twin_file.map(read_json).transpose()?;
+    let system = string_pairs(&message, "systemProperties")?;
+    let application = string_pairs(&message, "properties")?;
+    let body = match (message.get("body"), message.get("bodyEncoding")) {
+        (Some(Value::String(text)), Some(Value::String(encoding))) if encoding == "base64" => {
+            BASE64.decode(text).context("'body' is not base64")?
+        }
+        (Some(Value::String(text)), _) => text.clone().into_bytes(),
+        (Some(Value::Null) | None, _) => Vec::new(),
+        (Some(json), _) => serde_json::to_vec(json)?,
+    };
+    let system_refs: Vec<PropertyRef<'_>> = system
+        .iter()
+        .map(|(name, value)| PropertyRef { name, value })
+        .collect();
+    let application_refs: Vec<PropertyRef<'_>> = application
+        .iter()
+        .map(|(name, value)| PropertyRef { name, value })
+        .collect();
+    let view = RouteMessage {
+        message: MessageRef {
+            system_properties: &system_refs,
+            application_properties: &application_refs,
+            body: &body,
+        },
+        twin: twin.as_ref(),
+    };
+    let outcome = Evaluator::new().evaluate(&compiled, &view);
+    let result = match outcome {
+        Outcome::Match => "match",
+        Outcome::NoMatch => "noMatch",
+        Outcome::Undefined => "undefined",
+    };
+    print(&json!({ "condition": condition, "result": result }))
 }

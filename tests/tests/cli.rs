@@ -374,3 +374,67 @@ fn a_data_directory_keeps_its_partition_count() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("partition"), "{stderr}");
 }
+
+#[test]
+fn route_test_evaluates_a_condition_against_a_message_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let message = dir.path().join("message.json");
+    // One line of `ingot monitor-events`, as a back end would copy it.
+    std::fs::write(
+        &message,
+        serde_json::json!({
+            "deviceId": "dev-1",
+            "body": {"Weather": {"Temperature": 55}},
+            "properties": {"processingPath": "hot", "level": "2"},
+            "systemProperties": {
+                "content-type": "application/json",
+                "content-encoding": "utf-8",
+                "iothub-connection-device-id": "dev-1"
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let twin = dir.path().join("twin.json");
+    std::fs::write(
+        &twin,
+        r#"{"tags": {"region": "us"}, "properties": {"reported": {}}}"#,
+    )
+    .unwrap();
+    let run = |condition: &str| {
+        let out = std::process::Command::new(ingot_bin())
+            .args(["route", "test", "--condition", condition, "--message"])
+            .arg(&message)
+            .arg("--twin")
+            .arg(&twin)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let result = |condition: &str| {
+        let (ok, out, err) = run(condition);
+        assert!(ok, "{condition}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["result"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        result("processingPath = 'hot' AND $connectionDeviceId = 'dev-1'"),
+        "match"
+    );
+    assert_eq!(
+        result("$body.Weather.Temperature > 50 AND $twin.tags.region = 'us'"),
+        "match"
+    );
+    assert_eq!(result("as_number(level) >= 3"), "noMatch");
+    // An application property is a string: comparing it with a number is undefined.
+    assert_eq!(result("level = 2"), "undefined");
+    let (ok, _, err) = run("processingPath = 'hot' AND (");
+    assert!(!ok);
+    assert!(err.contains("at "), "the error names the position: {err}");
+}
