@@ -25,6 +25,39 @@ pub enum Command {
     /// Open N idle authenticated connections; report the hub's memory per connection and the
     /// connect rate.
     Connections(ConnectionsArgs),
+    /// Prepared fleets: register devices in bulk and save their ids and keys for `--fleet`.
+    Fleet(FleetArgs),
+}
+
+/// How many devices: a number, or `max` (all of a `--fleet` file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceCount {
+    Count(usize),
+    Max,
+}
+
+impl std::str::FromStr for DeviceCount {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.eq_ignore_ascii_case("max") {
+            return Ok(Self::Max);
+        }
+        match text.parse::<usize>() {
+            Ok(0) => Err("must be at least 1".to_owned()),
+            Ok(n) => Ok(Self::Count(n)),
+            Err(_) => Err(format!("expected a number or `max`, not {text:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Max => f.write_str("max"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,10 +92,16 @@ pub struct TargetArgs {
     /// A service connection string with RegistryWrite (instead of --data-dir).
     #[arg(long)]
     pub connection_string: Option<String>,
-    #[arg(long, default_value_t = 100)]
-    pub devices: usize,
+    /// Devices (connections): a number, or `max` (see the README).
+    #[arg(long, default_value = "100")]
+    pub devices: DeviceCount,
     #[arg(long, default_value = "load-")]
     pub device_prefix: String,
+    /// ingot target: a prepared fleet (`ingot-load fleet create`; JSON lines or CSV of device
+    /// id, primary key and optionally host name) instead of registering devices; the first
+    /// --devices of it are used.
+    #[arg(long, value_name = "FILE")]
+    pub fleet: Option<PathBuf>,
     /// New connections per second, over all threads.
     #[arg(long, default_value_t = 1000.0)]
     pub connect_rate: f64,
@@ -168,4 +207,59 @@ pub struct ConnectionsArgs {
     /// Seconds to hold the connections open after the last CONNACK before measuring memory.
     #[arg(long, default_value_t = 1.0)]
     pub hold: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum FleetCommand {
+    /// Register N SAS devices in bulk with random keys through the registry API and write
+    /// their ids and keys to a file for `--fleet`.
+    Create(FleetCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FleetCreateArgs {
+    #[arg(long)]
+    pub devices: usize,
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    #[arg(long, default_value = "load-")]
+    pub device_prefix: String,
+    /// A local hub's data directory: its registry access and development CA.
+    #[arg(long, env = "INGOT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A service connection string with RegistryWrite (instead of --data-dir).
+    #[arg(long)]
+    pub connection_string: Option<String>,
+    /// A PEM CA to trust for the registry's HTTPS (with --data-dir, the hub's development CA).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// `jsonl` or `csv`; by default from the file name (`.csv` is CSV, anything else JSON
+    /// lines).
+    #[arg(long)]
+    pub format: Option<FleetFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FleetFormat {
+    Jsonl,
+    Csv,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_counts_parse() {
+        assert_eq!("max".parse(), Ok(DeviceCount::Max));
+        assert_eq!("250".parse(), Ok(DeviceCount::Count(250)));
+        assert!("0".parse::<DeviceCount>().is_err());
+        assert!("lots".parse::<DeviceCount>().is_err());
+    }
 }

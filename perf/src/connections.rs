@@ -11,19 +11,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use serde_json::json;
 
-use crate::cli::ConnectionsArgs;
+use crate::cli::{ConnectionsArgs, DeviceCount};
 use crate::generator::{resolve, Plan, Session, PHASE_WARMUP};
 use crate::report;
 
 pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    if common.devices == 0 {
-        bail!("--devices must be at least 1");
-    }
-    let (cpus, fleet, tls) = crate::generator::prepare_target(common)?;
+    let count = match common.devices {
+        DeviceCount::Count(n) => Some(n),
+        // All of a fleet file.
+        DeviceCount::Max => None,
+    };
+    let (cpus, fleet, tls) = crate::generator::prepare_target(common, count)?;
+    let devices = fleet.devices.len();
     let plan = Arc::new(Plan {
         addr: resolve(&common.host, common.port())?,
         tls,
@@ -40,9 +43,8 @@ pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
     });
     let rss_before = args.hub_pid.map(rss_kib).transpose()?;
     let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone())?;
-    let budget = common.devices as f64 / common.connect_rate.max(1.0)
-        + common.connect_timeout.max(0.1)
-        + 1.0;
+    let budget =
+        devices as f64 / common.connect_rate.max(1.0) + common.connect_timeout.max(0.1) + 1.0;
     session.wait_connected(Duration::from_secs_f64(budget), common.quiet);
     // Idle: the phase only tells the workers that connecting is over.
     session.set_phase(PHASE_WARMUP);
@@ -85,7 +87,9 @@ pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
                 "host": common.host,
                 "port": common.port(),
                 "tls": common.tls,
-                "devices": common.devices,
+                "devices": devices,
+                "devices_requested": common.devices.to_string(),
+                "fleet": common.fleet,
                 "connect_rate": common.connect_rate,
                 "source_ips": args.source_ips,
                 "threads": common.threads,

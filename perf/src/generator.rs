@@ -30,7 +30,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::pki_types::ServerName;
 
-use crate::cli::RunArgs;
+use crate::cli::{DeviceCount, RunArgs};
 use crate::fleet::Device;
 use crate::latency::{histogram, Clock, Pacer, SendTimes};
 use crate::report;
@@ -90,15 +90,17 @@ pub fn client_tls(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>
 
 /// What `run` and `connections` both need before connecting: the CPUs to pin to, the fleet of
 /// devices, and the TLS plan when `--tls` is given.
+/// `count` devices, or all of the `--fleet` file when `None`.
 pub fn prepare_target(
     common: &crate::cli::TargetArgs,
+    count: Option<usize>,
 ) -> anyhow::Result<(Option<Vec<usize>>, crate::fleet::Fleet, Option<TlsPlan>)> {
     let cpus = common
         .cpus
         .as_deref()
         .map(crate::pin::parse_cpus)
         .transpose()?;
-    let fleet = crate::fleet::prepare(common)?;
+    let fleet = crate::fleet::prepare(common, count)?;
     let tls = if common.tls {
         Some(TlsPlan {
             config: client_tls(fleet.ca.as_deref())?,
@@ -420,9 +422,6 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
     if args.window == 0 || args.window > usize::from(u16::MAX) {
         bail!("--window must be between 1 and 65535");
     }
-    if common.devices == 0 {
-        bail!("--devices must be at least 1");
-    }
     if args.duration.is_nan() || args.duration <= 0.0 {
         bail!("--duration must be positive");
     }
@@ -431,7 +430,12 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
             bail!("--rate must be positive");
         }
     }
-    let (cpus, fleet, tls) = prepare_target(common)?;
+    let count = match common.devices {
+        DeviceCount::Count(n) => Some(n),
+        DeviceCount::Max => None,
+    };
+    let (cpus, fleet, tls) = prepare_target(common, count)?;
+    let devices = fleet.devices.len();
     let send_buffer = match args.send_buffer {
         Some(0) => None,
         Some(bytes) => Some(bytes),
@@ -444,7 +448,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         qos1: args.qos == 1,
         payload_bytes: args.payload,
         window: args.window,
-        rate_per_conn: args.rate.map(|r| r / common.devices as f64),
+        rate_per_conn: args.rate.map(|r| r / devices as f64),
         connect_rate: common.connect_rate.max(1.0),
         connect_timeout: Duration::from_secs_f64(common.connect_timeout.max(0.1)),
         keep_alive_secs: common.keep_alive,
@@ -453,9 +457,8 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         publish: true,
     });
     let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone())?;
-    let connect_budget = common.devices as f64 / common.connect_rate.max(1.0)
-        + common.connect_timeout.max(0.1)
-        + 1.0;
+    let connect_budget =
+        devices as f64 / common.connect_rate.max(1.0) + common.connect_timeout.max(0.1) + 1.0;
     session.wait_connected(Duration::from_secs_f64(connect_budget), common.quiet);
     if session.connected() == 0 {
         let results = session.finish()?;
@@ -481,7 +484,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| report::default_label(args));
     println!("{}", report::summary_line(&label, args, &outcome));
     if let Some(path) = &common.json {
-        let json = report::run_json(&label, args, cpus.as_deref(), &outcome);
+        let json = report::run_json(&label, args, cpus.as_deref(), devices, &outcome);
         report::write_json(path, &json)?;
     }
     Ok(())

@@ -31,6 +31,7 @@ pub fn main_with(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Run(args) => generator::run_command(&args),
         cli::Command::Sink(args) => sink::run(&args),
         cli::Command::Connections(args) => connections::run(&args),
+        cli::Command::Fleet(args) => fleet::fleet_command(&args),
     }
 }
 

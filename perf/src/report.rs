@@ -195,7 +195,13 @@ pub fn connect_json(o: &Outcome) -> Value {
     })
 }
 
-pub fn run_json(label: &str, args: &RunArgs, cpus: Option<&[usize]>, o: &Outcome) -> Value {
+pub fn run_json(
+    label: &str,
+    args: &RunArgs,
+    cpus: Option<&[usize]>,
+    devices: usize,
+    o: &Outcome,
+) -> Value {
     let c = &args.common;
     let qos1 = args.qos == 1;
     let rate = o.msgs_per_sec(qos1);
@@ -207,7 +213,9 @@ pub fn run_json(label: &str, args: &RunArgs, cpus: Option<&[usize]>, o: &Outcome
             "host": c.host,
             "port": c.port(),
             "tls": c.tls,
-            "devices": c.devices,
+            "devices": devices,
+            "devices_requested": c.devices.to_string(),
+            "fleet": c.fleet,
             "connect_rate": c.connect_rate,
             "qos": args.qos,
             "payload_bytes": args.payload,

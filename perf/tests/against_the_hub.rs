@@ -1,0 +1,129 @@
+//! Black-box, against a real hub: prepared fleet files (`fleet create`, `--fleet`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{load, ok, read_json, Hub};
+
+#[test]
+fn a_prepared_fleet_connects_without_the_registry() {
+    let hub = Hub::start(&[("INGOT_STORE__FSYNC", "never")]);
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet.jsonl");
+    let out = load(&[
+        "fleet",
+        "create",
+        "--data-dir",
+        hub.data_dir(),
+        "--devices",
+        "150",
+        "--device-prefix",
+        "fl-",
+        "--out",
+        fleet.to_str().unwrap(),
+    ]);
+    assert!(ok(&out).contains("150 devices registered"));
+    let text = std::fs::read_to_string(&fleet).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 150);
+    assert_eq!(lines[7]["deviceId"], "fl-7");
+    let keys: std::collections::HashSet<&str> = lines
+        .iter()
+        .map(|l| l["primaryKey"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 150, "random keys, one per device");
+
+    // The registry holds exactly the keys of the file.
+    let cs = ingot_control_plane::local::service_connection_string(&hub.data_dir, "iothubowner")
+        .unwrap();
+    let client = ingot_control_plane::client::ServiceClient::new(
+        cs.parse().unwrap(),
+        ingot_control_plane::local::dev_ca(&hub.data_dir).as_deref(),
+    )
+    .unwrap();
+    let device = client
+        .request(hyper::Method::GET, "/devices/fl-149", &[], None)
+        .unwrap()
+        .success()
+        .unwrap();
+    assert_eq!(
+        device["authentication"]["symmetricKey"]["primaryKey"],
+        lines[149]["primaryKey"]
+    );
+
+    // A run from the file alone: no --data-dir, so no registry request is possible.
+    let json = dir.path().join("run.json");
+    let out = load(&[
+        "run",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--devices",
+        "max",
+        "--port",
+        &hub.port(),
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.5",
+        "--connect-rate",
+        "2000",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let result = read_json(&json);
+    assert_eq!(result["connect"]["ok"], 150, "{result}");
+    assert_eq!(result["config"]["devices"], 150);
+    assert_eq!(result["errors"]["total"], 0, "{result}");
+    assert!(result["throughput"]["messages_acked"].as_u64().unwrap() > 0);
+
+    // A CSV export whose key is wrong is refused by the hub, and the run says so.
+    let csv = dir.path().join("wrong.csv");
+    let host = lines[0]["hostName"].as_str().unwrap();
+    std::fs::write(
+        &csv,
+        format!(
+            "deviceId,primaryKey,hostName\nfl-0,{},{host}\n",
+            "A".repeat(44)
+        ),
+    )
+    .unwrap();
+    let out = load(&[
+        "run",
+        "--fleet",
+        csv.to_str().unwrap(),
+        "--devices",
+        "1",
+        "--port",
+        &hub.port(),
+        "--duration",
+        "0.2",
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connack_refused_5_not_authorized")
+            || stderr.contains("connack_refused_4_bad_username_or_password"),
+        "{stderr}"
+    );
+
+    // More devices than the file holds is an error, not a silent shorter run.
+    let out = load(&[
+        "run",
+        "--fleet",
+        fleet.to_str().unwrap(),
+        "--devices",
+        "151",
+        "--port",
+        &hub.port(),
+        "--quiet",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than --devices 151"));
+}
