@@ -29,7 +29,8 @@ pub enum Command {
     Fleet(FleetArgs),
 }
 
-/// How many devices: a number, or `max` (all of a `--fleet` file).
+/// How many devices: a number, or `max` (all of a `--fleet` file; for `connections`, as many
+/// as the descriptor limits and source ports allow, until the first failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceCount {
     Count(usize),
@@ -57,6 +58,44 @@ impl std::fmt::Display for DeviceCount {
             Self::Count(n) => write!(f, "{n}"),
             Self::Max => f.write_str("max"),
         }
+    }
+}
+
+/// One `--source-ips` element: an address, or an IPv4 range `127.0.0.2-127.0.0.9`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIps(pub Vec<std::net::IpAddr>);
+
+/// Largest range one `--source-ips` element may expand to.
+const SOURCE_RANGE_MAX: u32 = 4096;
+
+impl std::str::FromStr for SourceIps {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let parse = |t: &str| {
+            t.trim()
+                .parse::<std::net::IpAddr>()
+                .map_err(|e| format!("{t:?}: {e}"))
+        };
+        let Some((first, last)) = text.split_once('-') else {
+            return Ok(Self(vec![parse(text)?]));
+        };
+        let (std::net::IpAddr::V4(first), std::net::IpAddr::V4(last)) =
+            (parse(first)?, parse(last)?)
+        else {
+            return Err(format!("{text:?}: ranges are IPv4 only"));
+        };
+        let (first, last) = (u32::from(first), u32::from(last));
+        if last < first || last - first >= SOURCE_RANGE_MAX {
+            return Err(format!(
+                "{text:?}: a range runs forwards and holds at most {SOURCE_RANGE_MAX} addresses"
+            ));
+        }
+        Ok(Self(
+            (first..=last)
+                .map(|a| std::net::IpAddr::V4(a.into()))
+                .collect(),
+        ))
     }
 }
 
@@ -102,6 +141,10 @@ pub struct TargetArgs {
     /// --devices of it are used.
     #[arg(long, value_name = "FILE")]
     pub fleet: Option<PathBuf>,
+    /// Source addresses to spread connections over, round robin (`127.0.0.1,127.0.0.2` or
+    /// `127.0.0.1-127.0.0.8`): each has its own ephemeral port range towards the hub.
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<SourceIps>,
     /// New connections per second, over all threads.
     #[arg(long, default_value_t = 1000.0)]
     pub connect_rate: f64,
@@ -146,6 +189,11 @@ pub struct TargetArgs {
 impl TargetArgs {
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(if self.tls { 8883 } else { 1883 })
+    }
+
+    /// Every `--source-ips` address, ranges expanded, in order.
+    pub fn source_ips(&self) -> Vec<std::net::IpAddr> {
+        self.source_ips.iter().flat_map(|s| s.0.clone()).collect()
     }
 }
 
@@ -198,9 +246,9 @@ pub struct SinkArgs {
 pub struct ConnectionsArgs {
     #[command(flatten)]
     pub common: TargetArgs,
-    /// Loopback source addresses to spread connections over (each has its own port range).
-    #[arg(long, value_delimiter = ',')]
-    pub source_ips: Vec<std::net::IpAddr>,
+    /// Stop opening connections at the first one that fails (implied by `--devices max`).
+    #[arg(long)]
+    pub until_failure: bool,
     /// The hub's process id, to read its resident memory before and after.
     #[arg(long)]
     pub hub_pid: Option<u32>,
@@ -256,10 +304,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_counts_parse() {
+    fn device_counts_and_source_ranges_parse() {
         assert_eq!("max".parse(), Ok(DeviceCount::Max));
         assert_eq!("250".parse(), Ok(DeviceCount::Count(250)));
         assert!("0".parse::<DeviceCount>().is_err());
         assert!("lots".parse::<DeviceCount>().is_err());
+        let range: SourceIps = "127.0.0.254-127.0.1.1".parse().unwrap_or(SourceIps(vec![]));
+        let text: Vec<String> = range.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            ["127.0.0.254", "127.0.0.255", "127.0.1.0", "127.0.1.1"]
+        );
+        assert!("127.0.0.9-127.0.0.2".parse::<SourceIps>().is_err());
+        assert!("::1-::2".parse::<SourceIps>().is_err());
+        assert_eq!("::1".parse::<SourceIps>().map(|s| s.0.len()), Ok(1));
     }
 }

@@ -16,7 +16,7 @@
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,8 @@ pub struct Plan {
     pub source_ips: Vec<IpAddr>,
     /// `false` for `connections`: connect and stay idle.
     pub publish: bool,
+    /// Open no more connections after the first one that fails (`connections --devices max`).
+    pub stop_at_failure: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +230,8 @@ impl Errors {
 /// Cumulative counters a worker publishes for the progress line.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Connections whose connect was started (or failed to start).
+    pub opened: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub errors: AtomicU64,
@@ -239,6 +243,8 @@ pub struct Counters {
 pub struct Shared {
     pub phase: AtomicU8,
     pub threads: Vec<Counters>,
+    /// A connection failed and the plan says to open no more.
+    pub halted: AtomicBool,
 }
 
 impl Shared {
@@ -293,6 +299,7 @@ impl Session {
         let shared = Arc::new(Shared {
             phase: AtomicU8::new(PHASE_CONNECT),
             threads: (0..threads).map(|_| Counters::default()).collect(),
+            halted: AtomicBool::new(false),
         });
         let mut shares: Vec<Vec<(usize, Device)>> = (0..threads).map(|_| Vec::new()).collect();
         for (i, device) in devices.into_iter().enumerate() {
@@ -346,12 +353,25 @@ impl Session {
         self.shared.sum(|c| &c.connect_failed)
     }
 
-    /// Waits until every connection has its CONNACK or has failed, or `timeout` passes.
+    /// Whether opening stopped at a failure (`Plan::stop_at_failure`).
+    pub fn halted(&self) -> bool {
+        self.shared.halted.load(Ordering::Acquire)
+    }
+
+    /// Waits until every connection has its CONNACK or has failed (after a halt: every one
+    /// opened so far), or `timeout` passes.
     pub fn wait_connected(&mut self, timeout: Duration, quiet: bool) {
         let deadline = Instant::now() + timeout;
-        while self.connected() + self.connect_failed() < self.devices as u64
-            && Instant::now() < deadline
-        {
+        loop {
+            let done = self.connected() + self.connect_failed();
+            let target = if self.halted() {
+                self.shared.sum(|c| &c.opened)
+            } else {
+                self.devices as u64
+            };
+            if done >= target || Instant::now() >= deadline {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
             self.tick(quiet, "connect");
         }
@@ -453,8 +473,9 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs_f64(common.connect_timeout.max(0.1)),
         keep_alive_secs: common.keep_alive,
         send_buffer_bytes: send_buffer,
-        source_ips: Vec::new(),
+        source_ips: common.source_ips(),
         publish: true,
+        stop_at_failure: false,
     });
     let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone())?;
     let connect_budget =
@@ -775,6 +796,7 @@ impl Worker {
         let Some(counters) = self.shared.threads.get(self.index) else {
             return;
         };
+        counters.opened.store(self.opened as u64, Ordering::Relaxed);
         counters.sent.store(self.tally.sent, Ordering::Relaxed);
         counters.acked.store(self.tally.acked, Ordering::Relaxed);
         counters
@@ -790,7 +812,8 @@ impl Worker {
 
     fn poll_timeout(&self, now: u64) -> Duration {
         let mut until_ns = POLL_MAX.as_nanos() as u64;
-        if self.opened < self.devices.len() {
+        let halted = self.plan.stop_at_failure && self.shared.halted.load(Ordering::Acquire);
+        if self.opened < self.devices.len() && !halted {
             let due = self.opened as u64 * self.connect_interval_ns;
             until_ns = until_ns.min(due.saturating_sub(now));
         }
@@ -828,6 +851,7 @@ impl Worker {
     fn open_due(&mut self, now: u64) {
         while self.opened < self.devices.len()
             && self.opened as u64 * self.connect_interval_ns <= now
+            && !(self.plan.stop_at_failure && self.shared.halted.load(Ordering::Acquire))
         {
             let slot = self.opened;
             self.opened += 1;
@@ -837,11 +861,23 @@ impl Worker {
                         *entry = Some(conn);
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     self.tally.errors.count(ErrorKind::ConnectIo);
                     self.tally.connect_failed += 1;
+                    self.connect_failed(&format!("connection {slot}: {e}"));
                 }
             }
+        }
+    }
+
+    /// A connect failed: with `stop_at_failure`, no thread opens another one.
+    fn connect_failed(&self, what: &str) {
+        if self.plan.stop_at_failure && !self.shared.halted.swap(true, Ordering::AcqRel) {
+            eprintln!(
+                "ingot-load: the first failed connect ({what}) after {} connections; opening \
+                 no more",
+                self.shared.sum(|c| &c.connected)
+            );
         }
     }
 
@@ -943,6 +979,7 @@ impl Worker {
         self.tally.errors.count(kind);
         if conn.state != State::Ready {
             self.tally.connect_failed += 1;
+            self.connect_failed(&format!("{kind:?}"));
         }
         let _ = self.poll.registry().deregister(&mut conn.socket);
     }

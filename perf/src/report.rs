@@ -216,6 +216,7 @@ pub fn run_json(
             "devices": devices,
             "devices_requested": c.devices.to_string(),
             "fleet": c.fleet,
+            "source_ips": c.source_ips(),
             "connect_rate": c.connect_rate,
             "qos": args.qos,
             "payload_bytes": args.payload,

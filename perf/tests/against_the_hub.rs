@@ -1,4 +1,5 @@
-//! Black-box, against a real hub: prepared fleet files (`fleet create`, `--fleet`).
+//! Black-box, against a real hub: prepared fleet files (`fleet create`, `--fleet`) and
+//! `connections --until-failure`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -126,4 +127,39 @@ fn a_prepared_fleet_connects_without_the_registry() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than --devices 151"));
+}
+
+#[test]
+fn connections_stop_at_the_first_failure() {
+    // One shard that holds 5 connections: the sixth is refused with CONNACK 3.
+    let hub = Hub::start(&[("INGOT_MQTT__CONNECTIONS_PER_SHARD_MAX", "5")]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("c.json");
+    let out = load(&[
+        "connections",
+        "--data-dir",
+        hub.data_dir(),
+        "--port",
+        &hub.port(),
+        "--devices",
+        "40",
+        "--connect-rate",
+        "50",
+        "--until-failure",
+        "--hold",
+        "0.2",
+        "--hub-pid",
+        &hub.pid(),
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok(&out).contains("stopped at the first failure"));
+    let result = read_json(&json);
+    assert_eq!(result["connect"]["ok"], 5, "{result}");
+    assert_eq!(result["stopped_at_failure"], true);
+    // At 50/s the halt is seen long before the 40th connect is due.
+    let failed = result["connect"]["failed"].as_u64().unwrap();
+    assert!((1..=3).contains(&failed), "{result}");
+    assert!(result["errors"]["connack_refused_3_server_unavailable"].as_u64() >= Some(1));
 }
