@@ -222,6 +222,9 @@ pub struct RunArgs {
     /// messages is not mostly the kernel's queue. 0 keeps the kernel's autotuning.
     #[arg(long)]
     pub send_buffer: Option<usize>,
+    /// Write throughput and latency over time as a self-contained HTML page (inline SVG).
+    #[arg(long, value_name = "FILE.html")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

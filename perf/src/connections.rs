@@ -23,6 +23,7 @@ use serde_json::json;
 
 use crate::cli::{ConnectionsArgs, DeviceCount};
 use crate::generator::{resolve, Plan, Session, PHASE_WARMUP};
+use crate::latency::Clock;
 use crate::report;
 
 pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
@@ -64,7 +65,13 @@ pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
         stop_at_failure: args.until_failure || limits.is_some(),
     });
     let rss_before = args.hub_pid.map(rss_kib).transpose()?;
-    let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone())?;
+    let mut session = Session::start(
+        plan,
+        fleet.devices,
+        common.threads,
+        cpus.clone(),
+        Clock::new(),
+    )?;
     let budget =
         devices as f64 / common.connect_rate.max(1.0) + common.connect_timeout.max(0.1) + 1.0;
     session.wait_connected(Duration::from_secs_f64(budget), common.quiet);

@@ -280,6 +280,8 @@ pub struct Session {
     pub devices: usize,
     handles: Vec<std::thread::JoinHandle<ThreadResult>>,
     progress: mpsc::Receiver<Histogram<u64>>,
+    /// One sample per progress line: the run's timeline (JSON and `--plot`).
+    pub samples: Vec<report::Sample>,
     last_tick: Instant,
     last_sent: u64,
     last_acked: u64,
@@ -287,12 +289,13 @@ pub struct Session {
 
 impl Session {
     /// Starts `threads` workers, connection i on thread `i % threads`, thread k pinned to
-    /// `cpus[k % len]`.
+    /// `cpus[k % len]`; their times are on `clock`.
     pub fn start(
         plan: Arc<Plan>,
         devices: Vec<Device>,
         threads: usize,
         cpus: Option<Vec<usize>>,
+        clock: Clock,
     ) -> anyhow::Result<Self> {
         let threads = threads.clamp(1, devices.len().max(1));
         let count = devices.len();
@@ -307,7 +310,6 @@ impl Session {
                 share.push((i, device));
             }
         }
-        let clock = Clock::new();
         let (sender, progress) = mpsc::channel();
         let mut handles = Vec::with_capacity(threads);
         for (k, share) in shares.into_iter().enumerate() {
@@ -335,6 +337,7 @@ impl Session {
             devices: count,
             handles,
             progress,
+            samples: Vec::new(),
             last_tick: Instant::now(),
             last_sent: 0,
             last_acked: 0,
@@ -378,7 +381,7 @@ impl Session {
     }
 
     /// Sleeps `secs`, printing progress once per second.
-    pub fn hold(&mut self, secs: f64, quiet: bool, what: &str) {
+    pub fn hold(&mut self, secs: f64, quiet: bool, what: &'static str) {
         let end = Instant::now() + Duration::from_secs_f64(secs.max(0.0));
         while Instant::now() < end {
             let left = end.saturating_duration_since(Instant::now());
@@ -387,8 +390,8 @@ impl Session {
         }
     }
 
-    /// Prints the progress line when a second has passed since the last one.
-    fn tick(&mut self, quiet: bool, what: &str) {
+    /// Prints the progress line and records a sample when a second has passed since the last.
+    fn tick(&mut self, quiet: bool, what: &'static str) {
         let elapsed = self.last_tick.elapsed();
         if elapsed < Duration::from_secs(1) {
             return;
@@ -402,22 +405,27 @@ impl Session {
         let sent = self.shared.sum(|c| &c.sent);
         let acked = self.shared.sum(|c| &c.acked);
         let secs = elapsed.as_secs_f64();
+        let quantile = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q));
+        let sample = report::Sample {
+            phase: what,
+            at_secs: self.clock.now_ns() as f64 / 1e9,
+            sent_per_sec: (sent - self.last_sent) as f64 / secs,
+            acked_per_sec: (acked - self.last_acked) as f64 / secs,
+            acked_total: acked,
+            p50_us: quantile(&interval, 0.5),
+            p99_us: quantile(&interval, 0.99),
+            max_us: (!interval.is_empty()).then(|| interval.max()),
+            e2e_p50_us: None,
+            e2e_p99_us: None,
+            e2e: false,
+            connected: self.connected(),
+            devices: self.devices as u64,
+            errors: self.shared.sum(|c| &c.errors),
+        };
         if !quiet {
-            eprintln!(
-                "{}",
-                report::progress_line(&report::Progress {
-                    phase: what,
-                    at_secs: self.clock.now_ns() as f64 / 1e9,
-                    sent_per_sec: (sent - self.last_sent) as f64 / secs,
-                    acked_per_sec: (acked - self.last_acked) as f64 / secs,
-                    acked_total: acked,
-                    p99_us: (!interval.is_empty()).then(|| interval.value_at_quantile(0.99)),
-                    connected: self.connected(),
-                    devices: self.devices as u64,
-                    errors: self.shared.sum(|c| &c.errors),
-                })
-            );
+            eprintln!("{}", report::progress_line(&sample));
         }
+        self.samples.push(sample);
         self.last_sent = sent;
         self.last_acked = acked;
     }
@@ -477,7 +485,8 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         publish: true,
         stop_at_failure: false,
     });
-    let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone())?;
+    let clock = Clock::new();
+    let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone(), clock)?;
     let connect_budget =
         devices as f64 / common.connect_rate.max(1.0) + common.connect_timeout.max(0.1) + 1.0;
     session.wait_connected(Duration::from_secs_f64(connect_budget), common.quiet);
@@ -497,6 +506,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
     session.hold(args.duration, common.quiet, "measure");
     session.set_phase(PHASE_STOP);
     let measured_secs = measure_started.elapsed().as_secs_f64();
+    let samples = std::mem::take(&mut session.samples);
     let results = session.finish()?;
     let outcome = report::Outcome::merge(&results, measured_secs);
     let label = common
@@ -505,8 +515,12 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| report::default_label(args));
     println!("{}", report::summary_line(&label, args, &outcome));
     if let Some(path) = &common.json {
-        let json = report::run_json(&label, args, cpus.as_deref(), devices, &outcome);
+        let json = report::run_json(&label, args, cpus.as_deref(), devices, &outcome, &samples);
         report::write_json(path, &json)?;
+    }
+    if let Some(path) = &args.plot {
+        let html = crate::plot::html(&label, &report::config_text(args, devices), &samples);
+        std::fs::write(path, html).with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
 }

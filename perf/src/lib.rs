@@ -10,7 +10,9 @@
 //!
 //! Modules in the order a run uses them: [`cli`] (the command line), [`template`] and [`fleet`]
 //! (who the devices are), [`generator`] (the event loops; [`latency`] keeps their clocks honest),
-//! [`report`] (progress, summary and JSON), [`sink`] (the null broker), [`pin`] (CPU affinity).
+//! [`report`] (progress, summary and JSON),
+//! [`plot`] (the HTML timeline), [`connections`] (idle connection scale), [`sink`] (the null
+//! broker), [`pin`] (CPU affinity).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod fleet;
 pub mod generator;
 pub mod latency;
 pub mod pin;
+pub mod plot;
 pub mod report;
 pub mod sink;
 pub mod template;

@@ -1,6 +1,7 @@
 //! What a run reports: the live progress line (stderr), the one-line summary (stdout) and the
 //! JSON result (`--json`), whose shape other scripts read:
-//! `{"label", "config", "machine", "throughput", "latency_us", "connect", "errors"}`.
+//! `{"label", "config", "machine", "throughput", "latency_us", "connect", "errors"}`, plus
+//! `"timeline"` (one sample per second).
 
 use std::path::Path;
 
@@ -65,37 +66,65 @@ impl Outcome {
     }
 }
 
-/// One line of progress.
-#[derive(Debug)]
-pub struct Progress<'a> {
-    pub phase: &'a str,
+/// One second of a run: a progress line, a point of the timeline and of the plot.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub phase: &'static str,
+    /// Since the start of the run.
     pub at_secs: f64,
     pub sent_per_sec: f64,
     pub acked_per_sec: f64,
     pub acked_total: u64,
+    /// PUBACK latency of the acks of this second.
+    pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+    /// Publish -> readable of the records read in this second (`--e2e`).
+    pub e2e_p50_us: Option<u64>,
+    pub e2e_p99_us: Option<u64>,
+    /// Whether the run measures end to end at all.
+    pub e2e: bool,
     pub connected: u64,
     pub devices: u64,
     pub errors: u64,
 }
 
-pub fn progress_line(p: &Progress<'_>) -> String {
-    let p99 = p
-        .p99_us
-        .map_or_else(|| "-".to_owned(), |us| format!("{us} us"));
+pub fn progress_line(p: &Sample) -> String {
+    let us = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |us| format!("{us} us"));
+    let e2e = if p.e2e {
+        format!("  e2e p99 {:>10}", us(p.e2e_p99_us))
+    } else {
+        String::new()
+    };
     format!(
-        "[{:6.1}s] {:<7} sent {:>11}/s  acked {:>11}/s  acks {:>12}  p99 {:>10}  conns {}/{}  \
+        "[{:6.1}s] {:<7} sent {:>11}/s  acked {:>11}/s  acks {:>12}  p99 {:>10}{e2e}  conns {}/{}  \
          errors {}",
         p.at_secs,
         p.phase,
         si(p.sent_per_sec),
         si(p.acked_per_sec),
         p.acked_total,
-        p99,
+        us(p.p99_us),
         p.connected,
         p.devices,
         p.errors
     )
+}
+
+pub fn sample_json(p: &Sample) -> Value {
+    json!({
+        "t": (p.at_secs * 1000.0).round() / 1000.0,
+        "phase": p.phase,
+        "sent_per_sec": p.sent_per_sec.round(),
+        "acked_per_sec": p.acked_per_sec.round(),
+        "p50_us": p.p50_us,
+        "p99_us": p.p99_us,
+        "max_us": p.max_us,
+        "e2e_p50_us": p.e2e_p50_us,
+        "e2e_p99_us": p.e2e_p99_us,
+        "connected": p.connected,
+        "errors": p.errors,
+    })
 }
 
 /// `1234567.0` as `1.23 M`.
@@ -148,8 +177,8 @@ pub fn summary_line(label: &str, args: &RunArgs, o: &Outcome) -> String {
         "latency n/a".to_owned()
     };
     format!(
-        "{label}: {:.0} msg/s {} ({:.1} MB/s payload) over {:.1} s; {latency}; connect {} ok {} \
-         failed ({:.0}/s); errors {}",
+        "{label}: {:.0} msg/s {} ({:.1} MB/s payload) over {:.1} s; {latency}; connect {} \
+         ok {} failed ({:.0}/s); errors {}",
         rate,
         if qos1 { "acked" } else { "sent" },
         rate * args.payload as f64 / 1e6,
@@ -195,12 +224,33 @@ pub fn connect_json(o: &Outcome) -> Value {
     })
 }
 
+/// The run's settings in one line, for the plot's heading.
+pub fn config_text(args: &RunArgs, devices: usize) -> String {
+    let c = &args.common;
+    format!(
+        "{} {}:{}{}, {devices} devices, QoS {}, {} B, window {}, {}, {} s warm-up + {} s{}",
+        format!("{:?}", c.target).to_lowercase(),
+        c.host,
+        c.port(),
+        if c.tls { " (TLS)" } else { "" },
+        args.qos,
+        args.payload,
+        args.window,
+        args.rate
+            .map_or_else(|| "closed loop".to_owned(), |r| format!("{r} msg/s")),
+        args.warmup,
+        args.duration,
+        ""
+    )
+}
+
 pub fn run_json(
     label: &str,
     args: &RunArgs,
     cpus: Option<&[usize]>,
     devices: usize,
     o: &Outcome,
+    samples: &[Sample],
 ) -> Value {
     let c = &args.common;
     let qos1 = args.qos == 1;
@@ -239,6 +289,7 @@ pub fn run_json(
         "latency_us": latency_json(&o.latency_us),
         "connect": connect_json(o),
         "errors": errors_json(&o.errors),
+        "timeline": samples.iter().map(sample_json).collect::<Vec<_>>(),
     })
 }
 
