@@ -222,6 +222,17 @@ pub struct RunArgs {
     /// messages is not mostly the kernel's queue. 0 keeps the kernel's autotuning.
     #[arg(long)]
     pub send_buffer: Option<usize>,
+    /// Also measure publish -> readable in the segment files: a reader thread tails every
+    /// partition of --data-dir's event log (ingot target, local hub, payload >= 24 bytes).
+    #[arg(long)]
+    pub e2e: bool,
+    /// --e2e: microseconds the reader sleeps when every partition is at its end (the
+    /// resolution of the end-to-end figure).
+    #[arg(long, default_value_t = 100)]
+    pub e2e_poll_us: u64,
+    /// --e2e: seconds the reader waits after the run for messages still on their way.
+    #[arg(long, default_value_t = 5.0)]
+    pub e2e_drain: f64,
     /// Write throughput and latency over time as a self-contained HTML page (inline SVG).
     #[arg(long, value_name = "FILE.html")]
     pub plot: Option<PathBuf>,

@@ -62,6 +62,7 @@ pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
         send_buffer_bytes: None,
         source_ips: source_ips.clone(),
         publish: false,
+        e2e_nonce: None,
         stop_at_failure: args.until_failure || limits.is_some(),
     });
     let rss_before = args.hub_pid.map(rss_kib).transpose()?;

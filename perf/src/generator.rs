@@ -71,6 +71,8 @@ pub struct Plan {
     pub source_ips: Vec<IpAddr>,
     /// `false` for `connections`: connect and stay idle.
     pub publish: bool,
+    /// `run --e2e`: stamp every payload with this run's nonce, send time and sequence.
+    pub e2e_nonce: Option<u64>,
     /// Open no more connections after the first one that fails (`connections --devices max`).
     pub stop_at_failure: bool,
 }
@@ -280,6 +282,8 @@ pub struct Session {
     pub devices: usize,
     handles: Vec<std::thread::JoinHandle<ThreadResult>>,
     progress: mpsc::Receiver<Histogram<u64>>,
+    /// `run --e2e`: the reader's histogram of each second.
+    pub e2e_progress: Option<mpsc::Receiver<Histogram<u64>>>,
     /// One sample per progress line: the run's timeline (JSON and `--plot`).
     pub samples: Vec<report::Sample>,
     last_tick: Instant,
@@ -337,6 +341,7 @@ impl Session {
             devices: count,
             handles,
             progress,
+            e2e_progress: None,
             samples: Vec::new(),
             last_tick: Instant::now(),
             last_sent: 0,
@@ -401,6 +406,13 @@ impl Session {
             // Histograms of the same bounds always add.
             let _ = interval.add(&h);
         }
+        let e2e = self.e2e_progress.as_ref().map(|receiver| {
+            let mut e2e = histogram();
+            while let Ok(h) = receiver.try_recv() {
+                let _ = e2e.add(&h);
+            }
+            e2e
+        });
         self.last_tick = Instant::now();
         let sent = self.shared.sum(|c| &c.sent);
         let acked = self.shared.sum(|c| &c.acked);
@@ -415,9 +427,9 @@ impl Session {
             p50_us: quantile(&interval, 0.5),
             p99_us: quantile(&interval, 0.99),
             max_us: (!interval.is_empty()).then(|| interval.max()),
-            e2e_p50_us: None,
-            e2e_p99_us: None,
-            e2e: false,
+            e2e_p50_us: e2e.as_ref().and_then(|h| quantile(h, 0.5)),
+            e2e_p99_us: e2e.as_ref().and_then(|h| quantile(h, 0.99)),
+            e2e: e2e.is_some(),
             connected: self.connected(),
             devices: self.devices as u64,
             errors: self.shared.sum(|c| &c.errors),
@@ -458,6 +470,11 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
             bail!("--rate must be positive");
         }
     }
+    let e2e_dir = if args.e2e {
+        Some(check_e2e(args)?)
+    } else {
+        None
+    };
     let count = match common.devices {
         DeviceCount::Count(n) => Some(n),
         DeviceCount::Max => None,
@@ -470,6 +487,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         None if args.qos == 0 => Some(64 * 1024),
         None => None,
     };
+    let nonce = crate::e2e::new_nonce();
     let plan = Arc::new(Plan {
         addr: resolve(&common.host, common.port())?,
         tls,
@@ -483,10 +501,25 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         send_buffer_bytes: send_buffer,
         source_ips: common.source_ips(),
         publish: true,
+        e2e_nonce: e2e_dir.is_some().then_some(nonce),
         stop_at_failure: false,
     });
     let clock = Clock::new();
+    // The reader is at the end of every partition before the first connect, so it sees every
+    // message of this run.
+    let mut tail = match &e2e_dir {
+        Some(dir) => Some(crate::e2e::Tail::start(
+            dir,
+            nonce,
+            clock,
+            devices,
+            Duration::from_micros(args.e2e_poll_us),
+            Duration::from_secs_f64(args.e2e_drain.max(0.0)),
+        )?),
+        None => None,
+    };
     let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone(), clock)?;
+    session.e2e_progress = tail.as_mut().and_then(|t| t.progress.take());
     let connect_budget =
         devices as f64 / common.connect_rate.max(1.0) + common.connect_timeout.max(0.1) + 1.0;
     session.wait_connected(Duration::from_secs_f64(connect_budget), common.quiet);
@@ -508,7 +541,20 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
     let measured_secs = measure_started.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut session.samples);
     let results = session.finish()?;
-    let outcome = report::Outcome::merge(&results, measured_secs);
+    let mut outcome = report::Outcome::merge(&results, measured_secs);
+    if let Some(tail) = tail {
+        let e2e = tail.finish(outcome.sent)?;
+        if e2e.read == 0 && outcome.sent > 0 {
+            eprintln!(
+                "ingot-load: --e2e read none of this run's messages: is {} the data directory \
+                 of the hub at {}:{}?",
+                e2e_dir.as_deref().unwrap_or(Path::new("")).display(),
+                common.host,
+                common.port()
+            );
+        }
+        outcome.e2e = Some(e2e);
+    }
     let label = common
         .label
         .clone()
@@ -523,6 +569,31 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
         std::fs::write(path, html).with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `--e2e` is only meaningful against a local Ingot hub whose data directory this process can
+/// read; returns that directory.
+fn check_e2e(args: &RunArgs) -> anyhow::Result<std::path::PathBuf> {
+    let common = &args.common;
+    if common.target != crate::cli::Target::Ingot {
+        bail!(
+            "--e2e reads the hub's segment files: it needs --target ingot (another broker has \
+             no such log)"
+        );
+    }
+    let Some(dir) = &common.data_dir else {
+        bail!(
+            "--e2e reads the segment files of a hub on this machine: pass its --data-dir (a \
+             --connection-string alone does not say where they are)"
+        );
+    };
+    if args.payload < crate::e2e::STAMP_BYTES {
+        bail!(
+            "--e2e stamps the first {} bytes of every payload: --payload must be at least that",
+            crate::e2e::STAMP_BYTES
+        );
+    }
+    Ok(dir.clone())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,6 +626,10 @@ struct Conn {
     writable: bool,
     /// Spreads the first intended send times of the connections over one interval.
     stagger: u64,
+    /// The connection's index in the run (for `--e2e` sequence numbers).
+    index: usize,
+    /// Messages appended so far (the `--e2e` counter).
+    counter: u32,
 }
 
 impl Conn {
@@ -622,10 +697,19 @@ impl Conn {
         Ok(())
     }
 
-    /// Appends one PUBLISH from the template with the next packet id.
-    fn append_publish(&mut self) {
+    /// Appends one PUBLISH from the template with the next packet id and, with `--e2e`, the
+    /// payload stamped with `sent_ns`.
+    fn append_publish(&mut self, plan: &Plan, sent_ns: u64, measured: bool) {
         let start = self.wbuf.len();
         self.wbuf.extend_from_slice(&self.template);
+        if let Some(nonce) = plan.e2e_nonce {
+            let at = start + self.template.len() - plan.payload_bytes;
+            if let Some(payload) = self.wbuf.get_mut(at..) {
+                let seq = crate::e2e::sequence(self.index, self.counter, measured);
+                crate::e2e::write_stamp(payload, nonce, sent_ns, seq);
+            }
+            self.counter = self.counter.wrapping_add(1);
+        }
         if let Some(at) = self.id_at {
             // Packet ids run 1..=65535 and wrap; the window (at most 65535) keeps every id in
             // flight distinct.
@@ -965,6 +1049,8 @@ impl Worker {
             pacer: None,
             writable: false,
             stagger,
+            index: *index,
+            counter: 0,
         })
     }
 
@@ -1037,7 +1123,7 @@ impl Worker {
             if !conn.flushed() || !publishing || conn.state != State::Ready {
                 return;
             }
-            let added = fill(conn, &plan, now);
+            let added = fill(conn, &plan, now, measuring);
             self.tally.sent += added;
             if measuring {
                 self.tally.sent_measured += added;
@@ -1151,7 +1237,7 @@ impl Worker {
 
 /// Adds PUBLISHes to an empty write buffer: up to the free window (QoS 1), a window's worth
 /// (QoS 0), or what the schedule says is due (open loop). Returns how many.
-fn fill(conn: &mut Conn, plan: &Plan, now: u64) -> u64 {
+fn fill(conn: &mut Conn, plan: &Plan, now: u64, measuring: bool) -> u64 {
     let mut added = 0u64;
     match plan.rate_per_conn {
         None => {
@@ -1161,7 +1247,7 @@ fn fill(conn: &mut Conn, plan: &Plan, now: u64) -> u64 {
                 plan.window
             };
             for _ in 0..room {
-                conn.append_publish();
+                conn.append_publish(plan, now, measuring);
                 if plan.qos1 {
                     conn.times.push(now);
                 }
@@ -1181,7 +1267,7 @@ fn fill(conn: &mut Conn, plan: &Plan, now: u64) -> u64 {
                 let Some(intended) = pacer.take_due(now) else {
                     break;
                 };
-                conn.append_publish();
+                conn.append_publish(plan, intended, measuring);
                 if plan.qos1 {
                     conn.times.push(intended);
                 }

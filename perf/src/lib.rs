@@ -10,7 +10,7 @@
 //!
 //! Modules in the order a run uses them: [`cli`] (the command line), [`template`] and [`fleet`]
 //! (who the devices are), [`generator`] (the event loops; [`latency`] keeps their clocks honest),
-//! [`report`] (progress, summary and JSON),
+//! [`e2e`] (publish -> readable in the segment files), [`report`] (progress, summary and JSON),
 //! [`plot`] (the HTML timeline), [`connections`] (idle connection scale), [`sink`] (the null
 //! broker), [`pin`] (CPU affinity).
 
@@ -18,6 +18,7 @@
 
 pub mod cli;
 pub mod connections;
+pub mod e2e;
 pub mod fleet;
 pub mod generator;
 pub mod latency;

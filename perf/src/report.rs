@@ -1,7 +1,7 @@
 //! What a run reports: the live progress line (stderr), the one-line summary (stdout) and the
 //! JSON result (`--json`), whose shape other scripts read:
 //! `{"label", "config", "machine", "throughput", "latency_us", "connect", "errors"}`, plus
-//! `"timeline"` (one sample per second).
+//! `"e2e"` with `--e2e` and `"timeline"` (one sample per second).
 
 use std::path::Path;
 
@@ -26,6 +26,8 @@ pub struct Outcome {
     /// From the start of the run to the last CONNACK.
     pub connect_secs: f64,
     pub measured_secs: f64,
+    /// `run --e2e`: what the reader of the segment files saw.
+    pub e2e: Option<crate::e2e::TailResult>,
 }
 
 impl Outcome {
@@ -40,6 +42,7 @@ impl Outcome {
             connect_failed: 0,
             connect_secs: 0.0,
             measured_secs,
+            e2e: None,
         };
         for r in results {
             // Histograms of the same bounds always add.
@@ -176,8 +179,21 @@ pub fn summary_line(label: &str, args: &RunArgs, o: &Outcome) -> String {
     } else {
         "latency n/a".to_owned()
     };
+    let e2e = match &o.e2e {
+        Some(e) if !e.latency_us.is_empty() => format!(
+            "; e2e p50 {} p99 {} p99.9 {} max {} us ({} read, {} unread)",
+            e.latency_us.value_at_quantile(0.5),
+            e.latency_us.value_at_quantile(0.99),
+            e.latency_us.value_at_quantile(0.999),
+            e.latency_us.max(),
+            e.read_measured,
+            e.unread
+        ),
+        Some(e) => format!("; e2e none read ({} unread)", e.unread),
+        None => String::new(),
+    };
     format!(
-        "{label}: {:.0} msg/s {} ({:.1} MB/s payload) over {:.1} s; {latency}; connect {} \
+        "{label}: {:.0} msg/s {} ({:.1} MB/s payload) over {:.1} s; {latency}{e2e}; connect {} \
          ok {} failed ({:.0}/s); errors {}",
         rate,
         if qos1 { "acked" } else { "sent" },
@@ -240,8 +256,21 @@ pub fn config_text(args: &RunArgs, devices: usize) -> String {
             .map_or_else(|| "closed loop".to_owned(), |r| format!("{r} msg/s")),
         args.warmup,
         args.duration,
-        ""
+        if args.e2e { ", e2e" } else { "" }
     )
+}
+
+pub fn e2e_json(e: &crate::e2e::TailResult) -> Value {
+    json!({
+        "latency_us": latency_json(&e.latency_us),
+        "read": e.read,
+        "read_measured": e.read_measured,
+        "unread": e.unread,
+        "foreign": e.foreign,
+        "out_of_order": e.out_of_order,
+        "gaps": e.gaps,
+        "drain_secs": e.drain_secs,
+    })
 }
 
 pub fn run_json(
@@ -277,6 +306,8 @@ pub fn run_json(
             "threads": c.threads,
             "cpus": cpus,
             "send_buffer": args.send_buffer,
+            "e2e": args.e2e,
+            "e2e_poll_us": args.e2e.then_some(args.e2e_poll_us),
         },
         "machine": machine(),
         "throughput": {
@@ -289,6 +320,7 @@ pub fn run_json(
         "latency_us": latency_json(&o.latency_us),
         "connect": connect_json(o),
         "errors": errors_json(&o.errors),
+        "e2e": o.e2e.as_ref().map(e2e_json),
         "timeline": samples.iter().map(sample_json).collect::<Vec<_>>(),
     })
 }

@@ -1,11 +1,127 @@
-//! Black-box, against a real hub: prepared fleet files (`fleet create`, `--fleet`) and
-//! `connections --until-failure`.
+//! Black-box, against a real hub: `run --e2e` (publish -> readable in the segment files),
+//! prepared fleet files (`fleet create`, `--fleet`), and `connections --until-failure`.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use common::{load, ok, read_json, Hub};
+
+#[test]
+fn e2e_latency_is_measured_through_the_segment_files() {
+    let hub = Hub::start(&[("INGOT_STORE__FSYNC", "never")]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("e2e.json");
+    let plot = dir.path().join("e2e.html");
+    let out = load(&[
+        "run",
+        "--data-dir",
+        hub.data_dir(),
+        "--port",
+        &hub.port(),
+        "--devices",
+        "4",
+        "--rate",
+        "2000",
+        "--warmup",
+        "1",
+        "--duration",
+        "2",
+        "--e2e",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let stdout = ok(&out);
+    assert!(stdout.contains("e2e p50"), "{stdout}");
+    let result = read_json(&json);
+    let e2e = &result["e2e"];
+    let sent = result["throughput"]["messages_sent"].as_u64().unwrap();
+    assert!(sent > 1000, "{result}");
+    // Every message sent while measuring was read from the log, once and in order per device.
+    assert_eq!(e2e["read_measured"].as_u64(), Some(sent), "{e2e}");
+    assert_eq!(e2e["unread"], 0, "{e2e}");
+    assert_eq!(e2e["out_of_order"], 0, "{e2e}");
+    assert_eq!(e2e["gaps"], 0, "{e2e}");
+    assert_eq!(e2e["foreign"], 0, "{e2e}");
+    assert!(
+        e2e["read"].as_u64().unwrap() > sent,
+        "warm-up messages are read too"
+    );
+    let latency = &e2e["latency_us"];
+    assert_eq!(latency["count"].as_u64(), Some(sent));
+    let (p50, p99) = (
+        latency["p50"].as_u64().unwrap(),
+        latency["p99"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99, "{latency}");
+    assert!(
+        p99 < 5_000_000,
+        "a loopback hub makes messages readable within seconds"
+    );
+    let timeline = result["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|s| s["e2e_p99_us"].is_u64()),
+        "per-second e2e samples: {result}"
+    );
+    let page = std::fs::read_to_string(&plot).unwrap();
+    assert!(page.contains("e2e p99"), "the plot shows the e2e series");
+
+    // Messages of another run in the same log are told apart by the nonce.
+    let out = load(&[
+        "run",
+        "--data-dir",
+        hub.data_dir(),
+        "--port",
+        &hub.port(),
+        "--devices",
+        "2",
+        "--qos",
+        "0",
+        "--rate",
+        "500",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--e2e",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let result = read_json(&json);
+    assert_eq!(result["e2e"]["unread"], 0, "{result}");
+    assert!(result["e2e"]["latency_us"]["p99"].is_u64(), "{result}");
+}
+
+#[test]
+fn e2e_is_refused_where_it_means_nothing() {
+    let cases: [(&[&str], &str); 3] = [
+        (&["--target", "mqtt"], "--target ingot"),
+        (
+            &[
+                "--connection-string",
+                "HostName=h;SharedAccessKeyName=k;SharedAccessKey=AAAA",
+            ],
+            "--data-dir",
+        ),
+        (
+            &["--data-dir", "/nonexistent", "--payload", "10"],
+            "at least",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["run", "--e2e", "--duration", "0.1", "--quiet"];
+        args.extend_from_slice(extra);
+        let out = load(&args);
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+}
 
 #[test]
 fn a_prepared_fleet_connects_without_the_registry() {
