@@ -37,6 +37,11 @@ pub const STAMP_BYTES: usize = 24;
 const MEASURED_BIT: u64 = 1 << 63;
 /// Records read from one partition before looking at the next.
 const ROUND_RECORDS_MAX: usize = 4096;
+/// Read errors in a row on one partition before the reader gives up. The reader library can
+/// report a gap for a moment while the hub rolls a segment (it lists the directory between the
+/// rename of the next segment and its own check for it); the next look finds the segment.
+/// Damage that stays is reported after this many looks, `poll` apart.
+const READ_ERRORS_IN_A_ROW_MAX: u32 = 1000;
 
 /// A nonce that tells this run's messages from anything else in the log.
 pub fn new_nonce() -> u64 {
@@ -94,6 +99,8 @@ pub struct TailResult {
     pub foreign: u64,
     pub out_of_order: u64,
     pub gaps: u64,
+    /// Read errors that went away on the next look (see [`READ_ERRORS_IN_A_ROW_MAX`]).
+    pub read_errors: u64,
     /// Seconds the reader waited after the run for the last messages.
     pub drain_secs: f64,
 }
@@ -127,6 +134,18 @@ impl Tail {
         poll: Duration,
         drain: Duration,
     ) -> anyhow::Result<Self> {
+        Self::start_at(data_dir, StartAt::End, nonce, clock, devices, poll, drain)
+    }
+
+    fn start_at(
+        data_dir: &Path,
+        start: StartAt,
+        nonce: u64,
+        clock: Clock,
+        devices: usize,
+        poll: Duration,
+        drain: Duration,
+    ) -> anyhow::Result<Self> {
         let reader = Reader::open(data_dir).with_context(|| {
             format!(
                 "--e2e reads the hub's event log in {}/events: open it",
@@ -137,8 +156,8 @@ impl Tail {
         for p in 0..reader.partition_count() {
             partitions.push(
                 reader
-                    .partition(PartitionId(p), StartAt::End)
-                    .with_context(|| format!("open partition {p} at its end"))?,
+                    .partition(PartitionId(p), start)
+                    .with_context(|| format!("open partition {p} at {start:?}"))?,
             );
         }
         if partitions.is_empty() {
@@ -206,23 +225,36 @@ impl TailState {
             foreign: 0,
             out_of_order: 0,
             gaps: 0,
+            read_errors: 0,
             drain_secs: 0.0,
         };
+        let mut errors_in_a_row = vec![0u32; self.partitions.len()];
         let mut interval = histogram();
         let mut next_report = Instant::now() + Duration::from_secs(1);
         let mut drain_started: Option<Instant> = None;
         loop {
             let mut progressed = false;
-            for partition in &mut self.partitions {
+            for (partition, in_a_row) in self.partitions.iter_mut().zip(&mut errors_in_a_row) {
                 for _ in 0..ROUND_RECORDS_MAX {
                     let record = match partition.next() {
                         Ok(Some(record)) => record,
                         Ok(None) => break,
                         Err(e) => {
-                            return Err(anyhow::Error::new(e)
-                                .context("--e2e: a damaged record in the event log"))
+                            *in_a_row += 1;
+                            if *in_a_row >= READ_ERRORS_IN_A_ROW_MAX {
+                                return Err(anyhow::Error::new(e).context(format!(
+                                    "--e2e: the event log stays unreadable ({in_a_row} looks \
+                                     in a row)"
+                                )));
+                            }
+                            if result.read_errors == 0 {
+                                eprintln!("ingot-load: --e2e: {e}; looking again");
+                            }
+                            result.read_errors += 1;
+                            break;
                         }
                     };
+                    *in_a_row = 0;
                     progressed = true;
                     let Some((sent_ns, conn, counter, measured)) =
                         read_stamp(record.message.body(), self.nonce)
@@ -291,5 +323,81 @@ mod tests {
         );
         write_stamp(&mut payload, 7, 1, sequence(3, u32::MAX, false));
         assert_eq!(read_stamp(&payload, 7), Some((1, 3, u32::MAX, false)));
+    }
+
+    /// The reader counts this run's records, tells others apart, and reports damage that
+    /// does not go away as an error instead of waiting for ever.
+    #[test]
+    fn the_tail_reads_stamped_records_and_gives_up_on_lasting_damage() {
+        use ingot_engine::store::{MessageRef, Store, StoreConfig};
+
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = StoreConfig::new(1);
+        config.segment_bytes_max = 1 << 20;
+        let mut store = Store::open(dir.path(), config).expect("store");
+        let clock = Clock::new();
+        let poll = Duration::from_micros(100);
+        let drain = Duration::from_secs(5);
+        let append = |store: &mut Store, body: &[u8]| {
+            let message = MessageRef {
+                system_properties: &[],
+                application_properties: &[],
+                body,
+            };
+            store
+                .append_batch(PartitionId(0), &[message], 1_764_151_200_000)
+                .expect("appended");
+        };
+        // Before the tail starts: not read (it starts at the end).
+        append(&mut store, b"old");
+        let tail = Tail::start(dir.path(), 42, clock, 2, poll, drain).expect("tail");
+        for counter in 0..3 {
+            let mut body = [b'x'; 32];
+            let seq = sequence(1, counter, counter > 0);
+            write_stamp(&mut body, 42, clock.now_ns(), seq);
+            append(&mut store, &body);
+        }
+        append(&mut store, b"someone else's message");
+        let result = tail.finish(2).expect("read");
+        assert_eq!(
+            (result.read, result.read_measured, result.unread),
+            (3, 2, 0)
+        );
+        assert_eq!(
+            (result.gaps, result.out_of_order, result.read_errors),
+            (0, 0, 0)
+        );
+        assert_eq!(result.latency_us.len(), 2);
+
+        // A damaged record (its checksum fails on every look): the tail says so instead of
+        // waiting for it.
+        let marker = [b'y'; 40];
+        append(&mut store, &marker);
+        let segment = dir.path().join("events/p0000/00000000000000000000.log");
+        let bytes = std::fs::read(&segment).expect("segment");
+        let at = bytes
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .expect("the record is in the segment");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .expect("open the segment");
+        std::os::unix::fs::FileExt::write_all_at(&file, b"z", at as u64).expect("damage");
+        let tail =
+            Tail::start_at(dir.path(), StartAt::Start, 42, clock, 2, poll, drain).expect("tail");
+        let started = Instant::now();
+        // Two measured records lie before the damage; a third never comes.
+        let Err(error) = tail.finish(3) else {
+            panic!("lasting damage is an error")
+        };
+        assert!(
+            format!("{error:#}").contains("stays unreadable"),
+            "{error:#}"
+        );
+        assert!(
+            started.elapsed() < drain,
+            "reported before the drain time is up"
+        );
     }
 }

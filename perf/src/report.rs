@@ -269,6 +269,7 @@ pub fn e2e_json(e: &crate::e2e::TailResult) -> Value {
         "foreign": e.foreign,
         "out_of_order": e.out_of_order,
         "gaps": e.gaps,
+        "read_errors": e.read_errors,
         "drain_secs": e.drain_secs,
     })
 }

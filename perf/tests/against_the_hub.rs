@@ -46,6 +46,7 @@ fn e2e_latency_is_measured_through_the_segment_files() {
     assert_eq!(e2e["out_of_order"], 0, "{e2e}");
     assert_eq!(e2e["gaps"], 0, "{e2e}");
     assert_eq!(e2e["foreign"], 0, "{e2e}");
+    assert!(e2e["read_errors"].is_u64(), "{e2e}");
     assert!(
         e2e["read"].as_u64().unwrap() > sent,
         "warm-up messages are read too"
