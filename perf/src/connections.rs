@@ -109,9 +109,11 @@ pub fn run(args: &ConnectionsArgs) -> anyhow::Result<()> {
         outcome.connects_per_sec(),
         rss_before.map_or("?".to_owned(), |v| v.to_string()),
         rss_after.map_or("?".to_owned(), |v| v.to_string()),
-        per_conn_bytes.map_or("no --hub-pid".to_owned(), |b| format!(
-            "{b:.0} B per connection"
-        )),
+        match (per_conn_bytes, args.hub_pid) {
+            (Some(b), _) => format!("{b:.0} B per connection"),
+            (None, None) => "no --hub-pid".to_owned(),
+            (None, Some(_)) => "no connection to divide by".to_owned(),
+        },
         report::errors_text(&outcome.errors),
     );
     if let Some(path) = &common.json {
