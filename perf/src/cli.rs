@@ -25,6 +25,78 @@ pub enum Command {
     /// Open N idle authenticated connections; report the hub's memory per connection and the
     /// connect rate.
     Connections(ConnectionsArgs),
+    /// Prepared fleets: register devices in bulk and save their ids and keys for `--fleet`.
+    Fleet(FleetArgs),
+}
+
+/// How many devices: a number, or `max` (all of a `--fleet` file; for `connections`, as many
+/// as the descriptor limits and source ports allow, until the first failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceCount {
+    Count(usize),
+    Max,
+}
+
+impl std::str::FromStr for DeviceCount {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.eq_ignore_ascii_case("max") {
+            return Ok(Self::Max);
+        }
+        match text.parse::<usize>() {
+            Ok(0) => Err("must be at least 1".to_owned()),
+            Ok(n) => Ok(Self::Count(n)),
+            Err(_) => Err(format!("expected a number or `max`, not {text:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Max => f.write_str("max"),
+        }
+    }
+}
+
+/// One `--source-ips` element: an address, or an IPv4 range `127.0.0.2-127.0.0.9`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIps(pub Vec<std::net::IpAddr>);
+
+/// Largest range one `--source-ips` element may expand to.
+const SOURCE_RANGE_MAX: u32 = 4096;
+
+impl std::str::FromStr for SourceIps {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let parse = |t: &str| {
+            t.trim()
+                .parse::<std::net::IpAddr>()
+                .map_err(|e| format!("{t:?}: {e}"))
+        };
+        let Some((first, last)) = text.split_once('-') else {
+            return Ok(Self(vec![parse(text)?]));
+        };
+        let (std::net::IpAddr::V4(first), std::net::IpAddr::V4(last)) =
+            (parse(first)?, parse(last)?)
+        else {
+            return Err(format!("{text:?}: ranges are IPv4 only"));
+        };
+        let (first, last) = (u32::from(first), u32::from(last));
+        if last < first || last - first >= SOURCE_RANGE_MAX {
+            return Err(format!(
+                "{text:?}: a range runs forwards and holds at most {SOURCE_RANGE_MAX} addresses"
+            ));
+        }
+        Ok(Self(
+            (first..=last)
+                .map(|a| std::net::IpAddr::V4(a.into()))
+                .collect(),
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,10 +131,20 @@ pub struct TargetArgs {
     /// A service connection string with RegistryWrite (instead of --data-dir).
     #[arg(long)]
     pub connection_string: Option<String>,
-    #[arg(long, default_value_t = 100)]
-    pub devices: usize,
+    /// Devices (connections): a number, or `max` (see the README).
+    #[arg(long, default_value = "100")]
+    pub devices: DeviceCount,
     #[arg(long, default_value = "load-")]
     pub device_prefix: String,
+    /// ingot target: a prepared fleet (`ingot-load fleet create`; JSON lines or CSV of device
+    /// id, primary key and optionally host name) instead of registering devices; the first
+    /// --devices of it are used.
+    #[arg(long, value_name = "FILE")]
+    pub fleet: Option<PathBuf>,
+    /// Source addresses to spread connections over, round robin (`127.0.0.1,127.0.0.2` or
+    /// `127.0.0.1-127.0.0.8`): each has its own ephemeral port range towards the hub.
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<SourceIps>,
     /// New connections per second, over all threads.
     #[arg(long, default_value_t = 1000.0)]
     pub connect_rate: f64,
@@ -108,6 +190,11 @@ impl TargetArgs {
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(if self.tls { 8883 } else { 1883 })
     }
+
+    /// Every `--source-ips` address, ranges expanded, in order.
+    pub fn source_ips(&self) -> Vec<std::net::IpAddr> {
+        self.source_ips.iter().flat_map(|s| s.0.clone()).collect()
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -135,6 +222,20 @@ pub struct RunArgs {
     /// messages is not mostly the kernel's queue. 0 keeps the kernel's autotuning.
     #[arg(long)]
     pub send_buffer: Option<usize>,
+    /// Also measure publish -> readable in the segment files: a reader thread tails every
+    /// partition of --data-dir's event log (ingot target, local hub, payload >= 24 bytes).
+    #[arg(long)]
+    pub e2e: bool,
+    /// --e2e: microseconds the reader sleeps when every partition is at its end (the
+    /// resolution of the end-to-end figure).
+    #[arg(long, default_value_t = 100)]
+    pub e2e_poll_us: u64,
+    /// --e2e: seconds the reader waits after the run for messages still on their way.
+    #[arg(long, default_value_t = 5.0)]
+    pub e2e_drain: f64,
+    /// Write throughput and latency over time as a self-contained HTML page (inline SVG).
+    #[arg(long, value_name = "FILE.html")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -159,13 +260,77 @@ pub struct SinkArgs {
 pub struct ConnectionsArgs {
     #[command(flatten)]
     pub common: TargetArgs,
-    /// Loopback source addresses to spread connections over (each has its own port range).
-    #[arg(long, value_delimiter = ',')]
-    pub source_ips: Vec<std::net::IpAddr>,
+    /// Stop opening connections at the first one that fails (implied by `--devices max`).
+    #[arg(long)]
+    pub until_failure: bool,
     /// The hub's process id, to read its resident memory before and after.
     #[arg(long)]
     pub hub_pid: Option<u32>,
     /// Seconds to hold the connections open after the last CONNACK before measuring memory.
     #[arg(long, default_value_t = 1.0)]
     pub hold: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum FleetCommand {
+    /// Register N SAS devices in bulk with random keys through the registry API and write
+    /// their ids and keys to a file for `--fleet`.
+    Create(FleetCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FleetCreateArgs {
+    #[arg(long)]
+    pub devices: usize,
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    #[arg(long, default_value = "load-")]
+    pub device_prefix: String,
+    /// A local hub's data directory: its registry access and development CA.
+    #[arg(long, env = "INGOT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A service connection string with RegistryWrite (instead of --data-dir).
+    #[arg(long)]
+    pub connection_string: Option<String>,
+    /// A PEM CA to trust for the registry's HTTPS (with --data-dir, the hub's development CA).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// `jsonl` or `csv`; by default from the file name (`.csv` is CSV, anything else JSON
+    /// lines).
+    #[arg(long)]
+    pub format: Option<FleetFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FleetFormat {
+    Jsonl,
+    Csv,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_counts_and_source_ranges_parse() {
+        assert_eq!("max".parse(), Ok(DeviceCount::Max));
+        assert_eq!("250".parse(), Ok(DeviceCount::Count(250)));
+        assert!("0".parse::<DeviceCount>().is_err());
+        assert!("lots".parse::<DeviceCount>().is_err());
+        let range: SourceIps = "127.0.0.254-127.0.1.1".parse().unwrap_or(SourceIps(vec![]));
+        let text: Vec<String> = range.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            ["127.0.0.254", "127.0.0.255", "127.0.1.0", "127.0.1.1"]
+        );
+        assert!("127.0.0.9-127.0.0.2".parse::<SourceIps>().is_err());
+        assert!("::1-::2".parse::<SourceIps>().is_err());
+        assert_eq!("::1".parse::<SourceIps>().map(|s| s.0.len()), Ok(1));
+    }
 }

@@ -16,7 +16,7 @@
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::pki_types::ServerName;
 
-use crate::cli::RunArgs;
+use crate::cli::{DeviceCount, RunArgs};
 use crate::fleet::Device;
 use crate::latency::{histogram, Clock, Pacer, SendTimes};
 use crate::report;
@@ -71,6 +71,10 @@ pub struct Plan {
     pub source_ips: Vec<IpAddr>,
     /// `false` for `connections`: connect and stay idle.
     pub publish: bool,
+    /// `run --e2e`: stamp every payload with this run's nonce, send time and sequence.
+    pub e2e_nonce: Option<u64>,
+    /// Open no more connections after the first one that fails (`connections --devices max`).
+    pub stop_at_failure: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -90,15 +94,17 @@ pub fn client_tls(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>
 
 /// What `run` and `connections` both need before connecting: the CPUs to pin to, the fleet of
 /// devices, and the TLS plan when `--tls` is given.
+/// `count` devices, or all of the `--fleet` file when `None`.
 pub fn prepare_target(
     common: &crate::cli::TargetArgs,
+    count: Option<usize>,
 ) -> anyhow::Result<(Option<Vec<usize>>, crate::fleet::Fleet, Option<TlsPlan>)> {
     let cpus = common
         .cpus
         .as_deref()
         .map(crate::pin::parse_cpus)
         .transpose()?;
-    let fleet = crate::fleet::prepare(common)?;
+    let fleet = crate::fleet::prepare(common, count)?;
     let tls = if common.tls {
         Some(TlsPlan {
             config: client_tls(fleet.ca.as_deref())?,
@@ -226,6 +232,8 @@ impl Errors {
 /// Cumulative counters a worker publishes for the progress line.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Connections whose connect was started (or failed to start).
+    pub opened: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub errors: AtomicU64,
@@ -237,6 +245,8 @@ pub struct Counters {
 pub struct Shared {
     pub phase: AtomicU8,
     pub threads: Vec<Counters>,
+    /// A connection failed and the plan says to open no more.
+    pub halted: AtomicBool,
 }
 
 impl Shared {
@@ -272,6 +282,10 @@ pub struct Session {
     pub devices: usize,
     handles: Vec<std::thread::JoinHandle<ThreadResult>>,
     progress: mpsc::Receiver<Histogram<u64>>,
+    /// `run --e2e`: the reader's histogram of each second.
+    pub e2e_progress: Option<mpsc::Receiver<Histogram<u64>>>,
+    /// One sample per progress line: the run's timeline (JSON and `--plot`).
+    pub samples: Vec<report::Sample>,
     last_tick: Instant,
     last_sent: u64,
     last_acked: u64,
@@ -279,18 +293,20 @@ pub struct Session {
 
 impl Session {
     /// Starts `threads` workers, connection i on thread `i % threads`, thread k pinned to
-    /// `cpus[k % len]`.
+    /// `cpus[k % len]`; their times are on `clock`.
     pub fn start(
         plan: Arc<Plan>,
         devices: Vec<Device>,
         threads: usize,
         cpus: Option<Vec<usize>>,
+        clock: Clock,
     ) -> anyhow::Result<Self> {
         let threads = threads.clamp(1, devices.len().max(1));
         let count = devices.len();
         let shared = Arc::new(Shared {
             phase: AtomicU8::new(PHASE_CONNECT),
             threads: (0..threads).map(|_| Counters::default()).collect(),
+            halted: AtomicBool::new(false),
         });
         let mut shares: Vec<Vec<(usize, Device)>> = (0..threads).map(|_| Vec::new()).collect();
         for (i, device) in devices.into_iter().enumerate() {
@@ -298,7 +314,6 @@ impl Session {
                 share.push((i, device));
             }
         }
-        let clock = Clock::new();
         let (sender, progress) = mpsc::channel();
         let mut handles = Vec::with_capacity(threads);
         for (k, share) in shares.into_iter().enumerate() {
@@ -326,6 +341,8 @@ impl Session {
             devices: count,
             handles,
             progress,
+            e2e_progress: None,
+            samples: Vec::new(),
             last_tick: Instant::now(),
             last_sent: 0,
             last_acked: 0,
@@ -344,19 +361,32 @@ impl Session {
         self.shared.sum(|c| &c.connect_failed)
     }
 
-    /// Waits until every connection has its CONNACK or has failed, or `timeout` passes.
+    /// Whether opening stopped at a failure (`Plan::stop_at_failure`).
+    pub fn halted(&self) -> bool {
+        self.shared.halted.load(Ordering::Acquire)
+    }
+
+    /// Waits until every connection has its CONNACK or has failed (after a halt: every one
+    /// opened so far), or `timeout` passes.
     pub fn wait_connected(&mut self, timeout: Duration, quiet: bool) {
         let deadline = Instant::now() + timeout;
-        while self.connected() + self.connect_failed() < self.devices as u64
-            && Instant::now() < deadline
-        {
+        loop {
+            let done = self.connected() + self.connect_failed();
+            let target = if self.halted() {
+                self.shared.sum(|c| &c.opened)
+            } else {
+                self.devices as u64
+            };
+            if done >= target || Instant::now() >= deadline {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
             self.tick(quiet, "connect");
         }
     }
 
     /// Sleeps `secs`, printing progress once per second.
-    pub fn hold(&mut self, secs: f64, quiet: bool, what: &str) {
+    pub fn hold(&mut self, secs: f64, quiet: bool, what: &'static str) {
         let end = Instant::now() + Duration::from_secs_f64(secs.max(0.0));
         while Instant::now() < end {
             let left = end.saturating_duration_since(Instant::now());
@@ -365,8 +395,8 @@ impl Session {
         }
     }
 
-    /// Prints the progress line when a second has passed since the last one.
-    fn tick(&mut self, quiet: bool, what: &str) {
+    /// Prints the progress line and records a sample when a second has passed since the last.
+    fn tick(&mut self, quiet: bool, what: &'static str) {
         let elapsed = self.last_tick.elapsed();
         if elapsed < Duration::from_secs(1) {
             return;
@@ -376,26 +406,38 @@ impl Session {
             // Histograms of the same bounds always add.
             let _ = interval.add(&h);
         }
+        let e2e = self.e2e_progress.as_ref().map(|receiver| {
+            let mut e2e = histogram();
+            while let Ok(h) = receiver.try_recv() {
+                let _ = e2e.add(&h);
+            }
+            e2e
+        });
         self.last_tick = Instant::now();
         let sent = self.shared.sum(|c| &c.sent);
         let acked = self.shared.sum(|c| &c.acked);
         let secs = elapsed.as_secs_f64();
+        let quantile = |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q));
+        let sample = report::Sample {
+            phase: what,
+            at_secs: self.clock.now_ns() as f64 / 1e9,
+            sent_per_sec: (sent - self.last_sent) as f64 / secs,
+            acked_per_sec: (acked - self.last_acked) as f64 / secs,
+            acked_total: acked,
+            p50_us: quantile(&interval, 0.5),
+            p99_us: quantile(&interval, 0.99),
+            max_us: (!interval.is_empty()).then(|| interval.max()),
+            e2e_p50_us: e2e.as_ref().and_then(|h| quantile(h, 0.5)),
+            e2e_p99_us: e2e.as_ref().and_then(|h| quantile(h, 0.99)),
+            e2e: e2e.is_some(),
+            connected: self.connected(),
+            devices: self.devices as u64,
+            errors: self.shared.sum(|c| &c.errors),
+        };
         if !quiet {
-            eprintln!(
-                "{}",
-                report::progress_line(&report::Progress {
-                    phase: what,
-                    at_secs: self.clock.now_ns() as f64 / 1e9,
-                    sent_per_sec: (sent - self.last_sent) as f64 / secs,
-                    acked_per_sec: (acked - self.last_acked) as f64 / secs,
-                    acked_total: acked,
-                    p99_us: (!interval.is_empty()).then(|| interval.value_at_quantile(0.99)),
-                    connected: self.connected(),
-                    devices: self.devices as u64,
-                    errors: self.shared.sum(|c| &c.errors),
-                })
-            );
+            eprintln!("{}", report::progress_line(&sample));
         }
+        self.samples.push(sample);
         self.last_sent = sent;
         self.last_acked = acked;
     }
@@ -420,9 +462,6 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
     if args.window == 0 || args.window > usize::from(u16::MAX) {
         bail!("--window must be between 1 and 65535");
     }
-    if common.devices == 0 {
-        bail!("--devices must be at least 1");
-    }
     if args.duration.is_nan() || args.duration <= 0.0 {
         bail!("--duration must be positive");
     }
@@ -431,31 +470,58 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
             bail!("--rate must be positive");
         }
     }
-    let (cpus, fleet, tls) = prepare_target(common)?;
+    let e2e_dir = if args.e2e {
+        Some(check_e2e(args)?)
+    } else {
+        None
+    };
+    let count = match common.devices {
+        DeviceCount::Count(n) => Some(n),
+        DeviceCount::Max => None,
+    };
+    let (cpus, fleet, tls) = prepare_target(common, count)?;
+    let devices = fleet.devices.len();
     let send_buffer = match args.send_buffer {
         Some(0) => None,
         Some(bytes) => Some(bytes),
         None if args.qos == 0 => Some(64 * 1024),
         None => None,
     };
+    let nonce = crate::e2e::new_nonce();
     let plan = Arc::new(Plan {
         addr: resolve(&common.host, common.port())?,
         tls,
         qos1: args.qos == 1,
         payload_bytes: args.payload,
         window: args.window,
-        rate_per_conn: args.rate.map(|r| r / common.devices as f64),
+        rate_per_conn: args.rate.map(|r| r / devices as f64),
         connect_rate: common.connect_rate.max(1.0),
         connect_timeout: Duration::from_secs_f64(common.connect_timeout.max(0.1)),
         keep_alive_secs: common.keep_alive,
         send_buffer_bytes: send_buffer,
-        source_ips: Vec::new(),
+        source_ips: common.source_ips(),
         publish: true,
+        e2e_nonce: e2e_dir.is_some().then_some(nonce),
+        stop_at_failure: false,
     });
-    let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone())?;
-    let connect_budget = common.devices as f64 / common.connect_rate.max(1.0)
-        + common.connect_timeout.max(0.1)
-        + 1.0;
+    let clock = Clock::new();
+    // The reader is at the end of every partition before the first connect, so it sees every
+    // message of this run.
+    let mut tail = match &e2e_dir {
+        Some(dir) => Some(crate::e2e::Tail::start(
+            dir,
+            nonce,
+            clock,
+            devices,
+            Duration::from_micros(args.e2e_poll_us),
+            Duration::from_secs_f64(args.e2e_drain.max(0.0)),
+        )?),
+        None => None,
+    };
+    let mut session = Session::start(plan, fleet.devices, common.threads, cpus.clone(), clock)?;
+    session.e2e_progress = tail.as_mut().and_then(|t| t.progress.take());
+    let connect_budget =
+        devices as f64 / common.connect_rate.max(1.0) + common.connect_timeout.max(0.1) + 1.0;
     session.wait_connected(Duration::from_secs_f64(connect_budget), common.quiet);
     if session.connected() == 0 {
         let results = session.finish()?;
@@ -473,18 +539,61 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<()> {
     session.hold(args.duration, common.quiet, "measure");
     session.set_phase(PHASE_STOP);
     let measured_secs = measure_started.elapsed().as_secs_f64();
+    let samples = std::mem::take(&mut session.samples);
     let results = session.finish()?;
-    let outcome = report::Outcome::merge(&results, measured_secs);
+    let mut outcome = report::Outcome::merge(&results, measured_secs);
+    if let Some(tail) = tail {
+        let e2e = tail.finish(outcome.sent)?;
+        if e2e.read == 0 && outcome.sent > 0 {
+            eprintln!(
+                "ingot-load: --e2e read none of this run's messages: is {} the data directory \
+                 of the hub at {}:{}?",
+                e2e_dir.as_deref().unwrap_or(Path::new("")).display(),
+                common.host,
+                common.port()
+            );
+        }
+        outcome.e2e = Some(e2e);
+    }
     let label = common
         .label
         .clone()
         .unwrap_or_else(|| report::default_label(args));
     println!("{}", report::summary_line(&label, args, &outcome));
     if let Some(path) = &common.json {
-        let json = report::run_json(&label, args, cpus.as_deref(), &outcome);
+        let json = report::run_json(&label, args, cpus.as_deref(), devices, &outcome, &samples);
         report::write_json(path, &json)?;
     }
+    if let Some(path) = &args.plot {
+        let html = crate::plot::html(&label, &report::config_text(args, devices), &samples);
+        std::fs::write(path, html).with_context(|| format!("write {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// `--e2e` is only meaningful against a local Ingot hub whose data directory this process can
+/// read; returns that directory.
+fn check_e2e(args: &RunArgs) -> anyhow::Result<std::path::PathBuf> {
+    let common = &args.common;
+    if common.target != crate::cli::Target::Ingot {
+        bail!(
+            "--e2e reads the hub's segment files: it needs --target ingot (another broker has \
+             no such log)"
+        );
+    }
+    let Some(dir) = &common.data_dir else {
+        bail!(
+            "--e2e reads the segment files of a hub on this machine: pass its --data-dir (a \
+             --connection-string alone does not say where they are)"
+        );
+    };
+    if args.payload < crate::e2e::STAMP_BYTES {
+        bail!(
+            "--e2e stamps the first {} bytes of every payload: --payload must be at least that",
+            crate::e2e::STAMP_BYTES
+        );
+    }
+    Ok(dir.clone())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,6 +626,10 @@ struct Conn {
     writable: bool,
     /// Spreads the first intended send times of the connections over one interval.
     stagger: u64,
+    /// The connection's index in the run (for `--e2e` sequence numbers).
+    index: usize,
+    /// Messages appended so far (the `--e2e` counter).
+    counter: u32,
 }
 
 impl Conn {
@@ -584,10 +697,19 @@ impl Conn {
         Ok(())
     }
 
-    /// Appends one PUBLISH from the template with the next packet id.
-    fn append_publish(&mut self) {
+    /// Appends one PUBLISH from the template with the next packet id and, with `--e2e`, the
+    /// payload stamped with `sent_ns`.
+    fn append_publish(&mut self, plan: &Plan, sent_ns: u64, measured: bool) {
         let start = self.wbuf.len();
         self.wbuf.extend_from_slice(&self.template);
+        if let Some(nonce) = plan.e2e_nonce {
+            let at = start + self.template.len() - plan.payload_bytes;
+            if let Some(payload) = self.wbuf.get_mut(at..) {
+                let seq = crate::e2e::sequence(self.index, self.counter, measured);
+                crate::e2e::write_stamp(payload, nonce, sent_ns, seq);
+            }
+            self.counter = self.counter.wrapping_add(1);
+        }
         if let Some(at) = self.id_at {
             // Packet ids run 1..=65535 and wrap; the window (at most 65535) keeps every id in
             // flight distinct.
@@ -772,6 +894,7 @@ impl Worker {
         let Some(counters) = self.shared.threads.get(self.index) else {
             return;
         };
+        counters.opened.store(self.opened as u64, Ordering::Relaxed);
         counters.sent.store(self.tally.sent, Ordering::Relaxed);
         counters.acked.store(self.tally.acked, Ordering::Relaxed);
         counters
@@ -787,7 +910,8 @@ impl Worker {
 
     fn poll_timeout(&self, now: u64) -> Duration {
         let mut until_ns = POLL_MAX.as_nanos() as u64;
-        if self.opened < self.devices.len() {
+        let halted = self.plan.stop_at_failure && self.shared.halted.load(Ordering::Acquire);
+        if self.opened < self.devices.len() && !halted {
             let due = self.opened as u64 * self.connect_interval_ns;
             until_ns = until_ns.min(due.saturating_sub(now));
         }
@@ -825,6 +949,7 @@ impl Worker {
     fn open_due(&mut self, now: u64) {
         while self.opened < self.devices.len()
             && self.opened as u64 * self.connect_interval_ns <= now
+            && !(self.plan.stop_at_failure && self.shared.halted.load(Ordering::Acquire))
         {
             let slot = self.opened;
             self.opened += 1;
@@ -834,11 +959,23 @@ impl Worker {
                         *entry = Some(conn);
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     self.tally.errors.count(ErrorKind::ConnectIo);
                     self.tally.connect_failed += 1;
+                    self.connect_failed(&format!("connection {slot}: {e}"));
                 }
             }
+        }
+    }
+
+    /// A connect failed: with `stop_at_failure`, no thread opens another one.
+    fn connect_failed(&self, what: &str) {
+        if self.plan.stop_at_failure && !self.shared.halted.swap(true, Ordering::AcqRel) {
+            eprintln!(
+                "ingot-load: the first failed connect ({what}) after {} connections; opening \
+                 no more",
+                self.shared.sum(|c| &c.connected)
+            );
         }
     }
 
@@ -912,6 +1049,8 @@ impl Worker {
             pacer: None,
             writable: false,
             stagger,
+            index: *index,
+            counter: 0,
         })
     }
 
@@ -940,6 +1079,7 @@ impl Worker {
         self.tally.errors.count(kind);
         if conn.state != State::Ready {
             self.tally.connect_failed += 1;
+            self.connect_failed(&format!("{kind:?}"));
         }
         let _ = self.poll.registry().deregister(&mut conn.socket);
     }
@@ -983,7 +1123,7 @@ impl Worker {
             if !conn.flushed() || !publishing || conn.state != State::Ready {
                 return;
             }
-            let added = fill(conn, &plan, now);
+            let added = fill(conn, &plan, now, measuring);
             self.tally.sent += added;
             if measuring {
                 self.tally.sent_measured += added;
@@ -1097,7 +1237,7 @@ impl Worker {
 
 /// Adds PUBLISHes to an empty write buffer: up to the free window (QoS 1), a window's worth
 /// (QoS 0), or what the schedule says is due (open loop). Returns how many.
-fn fill(conn: &mut Conn, plan: &Plan, now: u64) -> u64 {
+fn fill(conn: &mut Conn, plan: &Plan, now: u64, measuring: bool) -> u64 {
     let mut added = 0u64;
     match plan.rate_per_conn {
         None => {
@@ -1107,7 +1247,7 @@ fn fill(conn: &mut Conn, plan: &Plan, now: u64) -> u64 {
                 plan.window
             };
             for _ in 0..room {
-                conn.append_publish();
+                conn.append_publish(plan, now, measuring);
                 if plan.qos1 {
                     conn.times.push(now);
                 }
@@ -1127,7 +1267,7 @@ fn fill(conn: &mut Conn, plan: &Plan, now: u64) -> u64 {
                 let Some(intended) = pacer.take_due(now) else {
                     break;
                 };
-                conn.append_publish();
+                conn.append_publish(plan, intended, measuring);
                 if plan.qos1 {
                     conn.times.push(intended);
                 }

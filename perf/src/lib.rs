@@ -10,16 +10,20 @@
 //!
 //! Modules in the order a run uses them: [`cli`] (the command line), [`template`] and [`fleet`]
 //! (who the devices are), [`generator`] (the event loops; [`latency`] keeps their clocks honest),
-//! [`report`] (progress, summary and JSON), [`sink`] (the null broker), [`pin`] (CPU affinity).
+//! [`e2e`] (publish -> readable in the segment files), [`report`] (progress, summary and JSON),
+//! [`plot`] (the HTML timeline), [`connections`] (idle connection scale), [`sink`] (the null
+//! broker), [`pin`] (CPU affinity).
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod connections;
+pub mod e2e;
 pub mod fleet;
 pub mod generator;
 pub mod latency;
 pub mod pin;
+pub mod plot;
 pub mod report;
 pub mod sink;
 pub mod template;
@@ -31,6 +35,7 @@ pub fn main_with(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Run(args) => generator::run_command(&args),
         cli::Command::Sink(args) => sink::run(&args),
         cli::Command::Connections(args) => connections::run(&args),
+        cli::Command::Fleet(args) => fleet::fleet_command(&args),
     }
 }
 

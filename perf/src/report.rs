@@ -1,6 +1,7 @@
 //! What a run reports: the live progress line (stderr), the one-line summary (stdout) and the
 //! JSON result (`--json`), whose shape other scripts read:
-//! `{"label", "config", "machine", "throughput", "latency_us", "connect", "errors"}`.
+//! `{"label", "config", "machine", "throughput", "latency_us", "connect", "errors"}`, plus
+//! `"e2e"` with `--e2e` and `"timeline"` (one sample per second).
 
 use std::path::Path;
 
@@ -25,6 +26,8 @@ pub struct Outcome {
     /// From the start of the run to the last CONNACK.
     pub connect_secs: f64,
     pub measured_secs: f64,
+    /// `run --e2e`: what the reader of the segment files saw.
+    pub e2e: Option<crate::e2e::TailResult>,
 }
 
 impl Outcome {
@@ -39,6 +42,7 @@ impl Outcome {
             connect_failed: 0,
             connect_secs: 0.0,
             measured_secs,
+            e2e: None,
         };
         for r in results {
             // Histograms of the same bounds always add.
@@ -65,37 +69,65 @@ impl Outcome {
     }
 }
 
-/// One line of progress.
-#[derive(Debug)]
-pub struct Progress<'a> {
-    pub phase: &'a str,
+/// One second of a run: a progress line, a point of the timeline and of the plot.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub phase: &'static str,
+    /// Since the start of the run.
     pub at_secs: f64,
     pub sent_per_sec: f64,
     pub acked_per_sec: f64,
     pub acked_total: u64,
+    /// PUBACK latency of the acks of this second.
+    pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+    /// Publish -> readable of the records read in this second (`--e2e`).
+    pub e2e_p50_us: Option<u64>,
+    pub e2e_p99_us: Option<u64>,
+    /// Whether the run measures end to end at all.
+    pub e2e: bool,
     pub connected: u64,
     pub devices: u64,
     pub errors: u64,
 }
 
-pub fn progress_line(p: &Progress<'_>) -> String {
-    let p99 = p
-        .p99_us
-        .map_or_else(|| "-".to_owned(), |us| format!("{us} us"));
+pub fn progress_line(p: &Sample) -> String {
+    let us = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |us| format!("{us} us"));
+    let e2e = if p.e2e {
+        format!("  e2e p99 {:>10}", us(p.e2e_p99_us))
+    } else {
+        String::new()
+    };
     format!(
-        "[{:6.1}s] {:<7} sent {:>11}/s  acked {:>11}/s  acks {:>12}  p99 {:>10}  conns {}/{}  \
+        "[{:6.1}s] {:<7} sent {:>11}/s  acked {:>11}/s  acks {:>12}  p99 {:>10}{e2e}  conns {}/{}  \
          errors {}",
         p.at_secs,
         p.phase,
         si(p.sent_per_sec),
         si(p.acked_per_sec),
         p.acked_total,
-        p99,
+        us(p.p99_us),
         p.connected,
         p.devices,
         p.errors
     )
+}
+
+pub fn sample_json(p: &Sample) -> Value {
+    json!({
+        "t": (p.at_secs * 1000.0).round() / 1000.0,
+        "phase": p.phase,
+        "sent_per_sec": p.sent_per_sec.round(),
+        "acked_per_sec": p.acked_per_sec.round(),
+        "p50_us": p.p50_us,
+        "p99_us": p.p99_us,
+        "max_us": p.max_us,
+        "e2e_p50_us": p.e2e_p50_us,
+        "e2e_p99_us": p.e2e_p99_us,
+        "connected": p.connected,
+        "errors": p.errors,
+    })
 }
 
 /// `1234567.0` as `1.23 M`.
@@ -147,9 +179,22 @@ pub fn summary_line(label: &str, args: &RunArgs, o: &Outcome) -> String {
     } else {
         "latency n/a".to_owned()
     };
+    let e2e = match &o.e2e {
+        Some(e) if !e.latency_us.is_empty() => format!(
+            "; e2e p50 {} p99 {} p99.9 {} max {} us ({} read, {} unread)",
+            e.latency_us.value_at_quantile(0.5),
+            e.latency_us.value_at_quantile(0.99),
+            e.latency_us.value_at_quantile(0.999),
+            e.latency_us.max(),
+            e.read_measured,
+            e.unread
+        ),
+        Some(e) => format!("; e2e none read ({} unread)", e.unread),
+        None => String::new(),
+    };
     format!(
-        "{label}: {:.0} msg/s {} ({:.1} MB/s payload) over {:.1} s; {latency}; connect {} ok {} \
-         failed ({:.0}/s); errors {}",
+        "{label}: {:.0} msg/s {} ({:.1} MB/s payload) over {:.1} s; {latency}{e2e}; connect {} \
+         ok {} failed ({:.0}/s); errors {}",
         rate,
         if qos1 { "acked" } else { "sent" },
         rate * args.payload as f64 / 1e6,
@@ -195,7 +240,48 @@ pub fn connect_json(o: &Outcome) -> Value {
     })
 }
 
-pub fn run_json(label: &str, args: &RunArgs, cpus: Option<&[usize]>, o: &Outcome) -> Value {
+/// The run's settings in one line, for the plot's heading.
+pub fn config_text(args: &RunArgs, devices: usize) -> String {
+    let c = &args.common;
+    format!(
+        "{} {}:{}{}, {devices} devices, QoS {}, {} B, window {}, {}, {} s warm-up + {} s{}",
+        format!("{:?}", c.target).to_lowercase(),
+        c.host,
+        c.port(),
+        if c.tls { " (TLS)" } else { "" },
+        args.qos,
+        args.payload,
+        args.window,
+        args.rate
+            .map_or_else(|| "closed loop".to_owned(), |r| format!("{r} msg/s")),
+        args.warmup,
+        args.duration,
+        if args.e2e { ", e2e" } else { "" }
+    )
+}
+
+pub fn e2e_json(e: &crate::e2e::TailResult) -> Value {
+    json!({
+        "latency_us": latency_json(&e.latency_us),
+        "read": e.read,
+        "read_measured": e.read_measured,
+        "unread": e.unread,
+        "foreign": e.foreign,
+        "out_of_order": e.out_of_order,
+        "gaps": e.gaps,
+        "read_errors": e.read_errors,
+        "drain_secs": e.drain_secs,
+    })
+}
+
+pub fn run_json(
+    label: &str,
+    args: &RunArgs,
+    cpus: Option<&[usize]>,
+    devices: usize,
+    o: &Outcome,
+    samples: &[Sample],
+) -> Value {
     let c = &args.common;
     let qos1 = args.qos == 1;
     let rate = o.msgs_per_sec(qos1);
@@ -207,7 +293,10 @@ pub fn run_json(label: &str, args: &RunArgs, cpus: Option<&[usize]>, o: &Outcome
             "host": c.host,
             "port": c.port(),
             "tls": c.tls,
-            "devices": c.devices,
+            "devices": devices,
+            "devices_requested": c.devices.to_string(),
+            "fleet": c.fleet,
+            "source_ips": c.source_ips(),
             "connect_rate": c.connect_rate,
             "qos": args.qos,
             "payload_bytes": args.payload,
@@ -218,6 +307,8 @@ pub fn run_json(label: &str, args: &RunArgs, cpus: Option<&[usize]>, o: &Outcome
             "threads": c.threads,
             "cpus": cpus,
             "send_buffer": args.send_buffer,
+            "e2e": args.e2e,
+            "e2e_poll_us": args.e2e.then_some(args.e2e_poll_us),
         },
         "machine": machine(),
         "throughput": {
@@ -230,6 +321,8 @@ pub fn run_json(label: &str, args: &RunArgs, cpus: Option<&[usize]>, o: &Outcome
         "latency_us": latency_json(&o.latency_us),
         "connect": connect_json(o),
         "errors": errors_json(&o.errors),
+        "e2e": o.e2e.as_ref().map(e2e_json),
+        "timeline": samples.iter().map(sample_json).collect::<Vec<_>>(),
     })
 }
 
