@@ -491,6 +491,19 @@ impl PartitionReader {
                 return Ok(true);
             }
             if bases.iter().any(|&b| b > current) {
+                // The writer may have published more, or rolled to the segment this reader
+                // waits for, since the look above: only what is still missing now is a gap.
+                let published = self
+                    .segment
+                    .as_ref()
+                    .is_some_and(|s| s.map.load_u32_acquire(self.position) != 0);
+                if published {
+                    return Ok(true);
+                }
+                if bases.contains(&self.next_offset) {
+                    self.open_segment(self.next_offset)?;
+                    return Ok(true);
+                }
                 return Err(self.corrupt(
                     self.position,
                     format!("records from offset {} on are missing", self.next_offset),
