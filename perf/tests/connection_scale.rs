@@ -7,25 +7,9 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{free_port, load, ok, read_json, wait_listening, Killed, BIN};
-
-/// A null sink whose descriptor limit is `nofile` (soft and hard, as `ulimit -n` sets them).
-fn sink_with_limit(nofile: u32) -> (Killed, u16) {
-    let port = free_port();
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -n {nofile} && exec \"$0\" sink --port {port} --duration 60 --quiet"
-        ))
-        .arg(BIN)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_listening(port, &mut child, "the sink");
-    (Killed(child), port)
-}
+use common::{load, ok, read_json, sink_with_limit, BIN};
 
 #[test]
 fn each_connection_is_bound_to_its_source_address() {

@@ -127,3 +127,19 @@ impl Hub {
         self.child.0.id().to_string()
     }
 }
+
+/// A null sink whose descriptor limit is `nofile` (soft and hard, as `ulimit -n` sets them).
+pub fn sink_with_limit(nofile: u32) -> (Killed, u16) {
+    let port = free_port();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" sink --port {port} --duration 60 --quiet"
+        ))
+        .arg(BIN)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port, &mut child, "the sink");
+    (Killed(child), port)
+}
