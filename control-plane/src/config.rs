@@ -34,8 +34,143 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub store: StoreSettings,
     pub c2d: C2dConfig,
+    pub routing: RoutingConfig,
     pub log: LogConfig,
 }
+
+/// Message routing (Azure's `routing` of a hub: endpoints, routes, the fallback route).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Device messages that no route matched go to the built-in `events` endpoint.
+    pub fallback: bool,
+    pub endpoints: Vec<EndpointConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            fallback: true,
+            endpoints: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// A custom endpoint. `log`: a segment log beside `events`, read the same way
+/// (`ingot monitor-events --endpoint NAME`, the reader library on `data_dir/endpoints/NAME`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: EndpointKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    Log,
+}
+
+/// A route, with Azure's field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteConfig {
+    pub name: String,
+    /// `DeviceMessages` (the only source produced so far).
+    #[serde(default = "device_messages")]
+    pub source: String,
+    /// In the IoT Hub routing query language; absent means `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    pub endpoint_names: Vec<String>,
+    #[serde(default = "enabled")]
+    pub is_enabled: bool,
+}
+
+fn device_messages() -> String {
+    "DeviceMessages".to_owned()
+}
+
+fn enabled() -> bool {
+    true
+}
+
+impl RoutingConfig {
+    /// The compiled route table, or `None` when there are no routes (every device message goes
+    /// to `events`, the fast path).
+    pub fn table(&self) -> Result<Option<ingot_engine::route::RouteTable>, ConfigError> {
+        use ingot_engine::route::{FallbackRoute, RouteSource, RouteSpec, RouteTable};
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "routing",
+            reason,
+        };
+        let mut names = std::collections::HashSet::new();
+        for endpoint in &self.endpoints {
+            let valid = !endpoint.name.is_empty()
+                && endpoint.name.len() <= 64
+                && endpoint
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !valid || endpoint.name == ingot_engine::route::EVENTS_ENDPOINT {
+                return Err(invalid(format!(
+                    "invalid endpoint name '{}': use 1 to 64 letters, digits, '.', '_' or '-', not 'events'",
+                    endpoint.name
+                )));
+            }
+            if !names.insert(endpoint.name.as_str()) {
+                return Err(invalid(format!("duplicate endpoint '{}'", endpoint.name)));
+            }
+        }
+        if self.endpoints.len() > ENDPOINTS_MAX {
+            return Err(invalid(format!("at most {ENDPOINTS_MAX} custom endpoints")));
+        }
+        if self.routes.is_empty() {
+            return Ok(None);
+        }
+        let mut specs = Vec::with_capacity(self.routes.len());
+        for route in &self.routes {
+            let source = match route.source.as_str() {
+                "DeviceMessages" => RouteSource::DeviceMessages,
+                other => {
+                    return Err(invalid(format!(
+                        "route '{}': source '{other}' is not produced yet (only DeviceMessages)",
+                        route.name
+                    )))
+                }
+            };
+            for endpoint in &route.endpoint_names {
+                if endpoint != ingot_engine::route::EVENTS_ENDPOINT
+                    && !names.contains(endpoint.as_str())
+                {
+                    return Err(invalid(format!(
+                        "route '{}' names the unknown endpoint '{endpoint}'",
+                        route.name
+                    )));
+                }
+            }
+            specs.push(RouteSpec {
+                name: route.name.clone(),
+                source,
+                condition: route.condition.clone(),
+                endpoint_names: route.endpoint_names.clone(),
+                is_enabled: route.is_enabled,
+            });
+        }
+        let fallback = FallbackRoute {
+            enabled: self.fallback,
+        };
+        RouteTable::compile(&specs, fallback)
+            .map(Some)
+            .map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// Custom endpoints per hub (Azure: 10 on paid tiers).
+pub const ENDPOINTS_MAX: usize = 10;
 
 /// Cloud-to-device queues (Azure's `cloudToDevice` settings of a hub).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +298,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             store: StoreSettings::default(),
             c2d: C2dConfig::default(),
+            routing: RoutingConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -297,6 +433,7 @@ impl Config {
         if !(1..=100).contains(&self.c2d.max_delivery_count) {
             return Err(invalid("c2d.max_delivery_count", "must be from 1 to 100"));
         }
+        self.routing.table()?;
         if self.http.connections_max == 0 {
             return Err(invalid("http.connections_max", "must be at least 1"));
         }

@@ -73,6 +73,22 @@ pub struct MonitorEventsArgs {
     /// Report a damaged record on standard error and continue after it, instead of stopping.
     #[arg(long)]
     pub skip_damaged: bool,
+    /// Read this endpoint's log instead of the built-in `events` (a `log` endpoint of the
+    /// routing configuration).
+    #[arg(long, value_name = "NAME", default_value = "events")]
+    pub endpoint: String,
+}
+
+impl MonitorEventsArgs {
+    /// The store directory of the endpoint read: the data directory for `events`,
+    /// `data_dir/endpoints/NAME` for a custom `log` endpoint.
+    pub fn store_dir(&self) -> PathBuf {
+        if self.endpoint == "events" {
+            self.data_dir.clone()
+        } else {
+            self.data_dir.join("endpoints").join(&self.endpoint)
+        }
+    }
 }
 
 /// `ingot log verify`: check every checksum of the event store.
@@ -96,8 +112,16 @@ const IDLE_SLEEP: Duration = Duration::from_millis(1);
 
 /// Runs `ingot monitor-events`.
 pub fn monitor_events(args: &MonitorEventsArgs) -> anyhow::Result<()> {
-    let reader = Reader::open(&args.data_dir)
-        .with_context(|| format!("open the event store in {}", args.data_dir.display()))?;
+    let store_dir = args.store_dir();
+    if args.endpoint != "events" && !store_dir.is_dir() {
+        bail!(
+            "there is no log endpoint '{}' in {}",
+            args.endpoint,
+            args.data_dir.display()
+        );
+    }
+    let reader = Reader::open(&store_dir)
+        .with_context(|| format!("open the event store in {}", store_dir.display()))?;
     let partitions: Vec<u32> = match args.partition {
         Some(p) if p >= reader.partition_count() => {
             bail!(
@@ -110,7 +134,7 @@ pub fn monitor_events(args: &MonitorEventsArgs) -> anyhow::Result<()> {
     };
     let checkpoints = match &args.consumer_group {
         Some(group) => Some(
-            Checkpoints::open(&args.data_dir, group)
+            Checkpoints::open(&store_dir, group)
                 .with_context(|| format!("open the checkpoints of consumer group {group}"))?,
         ),
         None => None,
@@ -426,6 +450,7 @@ mod tests {
             no_follow: true,
             count: None,
             skip_damaged: false,
+            endpoint: "events".into(),
         };
         monitor_events(&args).expect("monitor runs");
         let checkpoints = Checkpoints::open(dir.path(), "cli").expect("checkpoints");

@@ -76,6 +76,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let services = ingot_engine::shard::EngineServices {
         events: events_tx,
         sessions,
+        routing: None,
     };
     let engine = Arc::new(start_engine(
         &config,
@@ -143,12 +144,31 @@ fn start_engine(
     tls_files: &tls::TlsFiles,
     registry: Arc<Registry>,
     policies: Policies,
-    services: ingot_engine::shard::EngineServices,
+    mut services: ingot_engine::shard::EngineServices,
 ) -> anyhow::Result<ingot_engine::shard::Engine> {
     let shards = config.shard_count();
     let store_config = config.store_config(shards)?;
-    let store = ingot_engine::store::Store::open(&config.data_dir, store_config)
+    let store = ingot_engine::store::Store::open(&config.data_dir, store_config.clone())
         .context("open the segment store")?;
+    let partitions = store.into_partitions();
+    services.routing = match config.routing.table()? {
+        None => None,
+        Some(table) => {
+            // Each `log` endpoint is a store of its own with as many partitions as `events`.
+            let mut endpoints = Vec::new();
+            for endpoint in &config.routing.endpoints {
+                let dir = config.data_dir.join("endpoints").join(&endpoint.name);
+                let endpoint_config = ingot_engine::store::StoreConfig {
+                    partitions: partitions.len() as u32,
+                    ..store_config.clone()
+                };
+                let store = ingot_engine::store::Store::open(&dir, endpoint_config)
+                    .with_context(|| format!("open the log of endpoint '{}'", endpoint.name))?;
+                endpoints.push((endpoint.name.clone(), store.into_partitions()));
+            }
+            Some(ingot_engine::shard::Routing { table, endpoints })
+        }
+    };
     let certs = tls::load_certs(&tls_files.cert_chain)?;
     let key = tls::load_key(&tls_files.key)?;
     let mqtt_tls = ingot_engine::net::tls::mqtt_server_config(certs, key)
@@ -163,12 +183,8 @@ fn start_engine(
         limits: config.connection_limits(),
     };
     let identities = Arc::new(crate::identity::RegistryIdentities { registry, policies });
-    let engine = ingot_engine::shard::Engine::start(
-        engine_config,
-        store.into_partitions(),
-        identities,
-        services,
-    )?;
+    let engine =
+        ingot_engine::shard::Engine::start(engine_config, partitions, identities, services)?;
     Ok(engine)
 }
 

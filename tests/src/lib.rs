@@ -47,6 +47,8 @@ pub struct Hub {
     child: Option<Child>,
     /// Extra `INGOT_*` settings for `ingot serve`.
     env: Vec<(String, String)>,
+    /// A TOML configuration file for `ingot serve --config`.
+    config: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -58,9 +60,24 @@ impl Hub {
 
     /// A hub on a fresh data directory with extra settings (`("INGOT_MQTT__...", "...")`).
     pub fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_configured(env, None)
+    }
+
+    /// A hub on a fresh data directory with a TOML configuration file of this content.
+    pub fn start_with_config(toml: &str) -> Self {
+        Self::start_configured(&[], Some(toml))
+    }
+
+    fn start_configured(env: &[(&str, &str)], toml: Option<&str>) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
+        let config = toml.map(|toml| {
+            let path = tmp.path().join("ingot.toml");
+            std::fs::write(&path, toml).expect("write the configuration");
+            path
+        });
         let mut hub = Hub {
+            config,
             data_dir,
             port: free_port(),
             mqtt_port: free_port(),
@@ -104,6 +121,11 @@ impl Hub {
         let child = self
             .command("serve")
             .args(args)
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]),
+            )
             // Small segments: tests make many hubs, and each preallocates two segments.
             .env("INGOT_STORE__SEGMENT_BYTES_MAX", "1048576")
             .envs(self.env.iter().map(|(k, v)| (k, v)))

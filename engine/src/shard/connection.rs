@@ -1001,6 +1001,22 @@ async fn serve(
                         body: p.body,
                     })
                     .collect();
+                let now_ms = super::stats::now_ms();
+                // With routes, each message goes to the endpoints it matched; the custom ones
+                // are appended (and flushed under `always`) here, before any PUBACK.
+                let mut custom = Vec::new();
+                let events = match &shard.routing {
+                    None => None,
+                    Some(routing) => {
+                        let events = routing.route(&messages, &mut custom);
+                        if let Err(e) = routing.append(partition.0, &custom, now_ms) {
+                            stats.append_errors.fetch_add(1, Relaxed);
+                            return Ended::Store(e.to_string());
+                        }
+                        Some(events)
+                    }
+                };
+                let events = events.as_deref().unwrap_or(&messages);
                 let mut partitions = shard.partitions.borrow_mut();
                 let Some(log) = partitions.get_mut(&partition.0) else {
                     return Ended::Store(format!(
@@ -1009,12 +1025,13 @@ async fn serve(
                 };
                 // Under `always`, append now and flush together with the other connections'
                 // batches below (group commit); other policies need no flush per batch.
-                let group = log.fsync() == Fsync::Always;
-                let now_ms = super::stats::now_ms();
+                let group = log.fsync() == Fsync::Always && !events.is_empty();
                 let appended = if group {
-                    log.append_batch_deferred(&messages, now_ms)
+                    log.append_batch_deferred(events, now_ms).map(drop)
+                } else if events.is_empty() {
+                    Ok(())
                 } else {
-                    log.append_batch(&messages, now_ms)
+                    log.append_batch(events, now_ms).map(drop)
                 };
                 if let Err(e) = appended {
                     stats.append_errors.fetch_add(1, Relaxed);

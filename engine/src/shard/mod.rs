@@ -15,6 +15,7 @@
 mod connection;
 mod group_commit;
 mod read_buffer;
+mod routing;
 mod stats;
 
 use std::cell::{Cell, RefCell};
@@ -126,6 +127,16 @@ pub struct EngineServices {
     pub events: async_channel::Sender<DeviceEvent>,
     /// Persistent sessions (client id, subscription filters) restored at start.
     pub sessions: Vec<(String, Vec<String>)>,
+    /// Message routing; `None`: every device message goes to `events`.
+    pub routing: Option<Routing>,
+}
+
+/// The route table and the logs of its custom endpoints.
+#[derive(Debug)]
+pub struct Routing {
+    pub table: crate::route::RouteTable,
+    /// Each custom endpoint of the table (by name) with its partitions, as many as `events` has.
+    pub endpoints: Vec<(String, Vec<PartitionLog>)>,
 }
 
 /// Why a message could not be handed to a shard.
@@ -165,6 +176,10 @@ impl Engine {
         for partition in partitions {
             owned[partition.id().0 as usize % shards].push(partition);
         }
+        let mut routing = routing::ShardRouting::split(services.routing, shards)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>();
         // A session belongs to the shard that owns its client's device.
         let mut sessions: Vec<HashMap<String, connection::Session>> =
             (0..shards).map(|_| HashMap::new()).collect();
@@ -188,6 +203,7 @@ impl Engine {
             .zip(sessions)
             .enumerate()
         {
+            let routing = routing.get_mut(id).and_then(Option::take);
             let shared = ShardShared {
                 events: services.events.clone(),
                 event_bytes: event_bytes.clone(),
@@ -203,7 +219,7 @@ impl Engine {
             let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
                 .name(&format!("ingot-shard-{id}"))
                 .spawn(move || async move {
-                    run_shard(shared, partitions, sessions, inbox, ready).await
+                    run_shard(shared, partitions, sessions, routing, inbox, ready).await
                 })
                 .map_err(|e| EngineError::Start {
                     shard: id,
@@ -385,6 +401,8 @@ struct Shard {
     rate: [RefCell<stats::RateLimiter>; 2],
     shutting_down: Cell<bool>,
     message_ids: RefCell<connection::MessageIdSource>,
+    /// `None` without routes: every device message goes to `events`.
+    routing: Option<routing::ShardRouting>,
 }
 
 impl Shard {
@@ -401,6 +419,7 @@ async fn run_shard(
     shared: ShardShared,
     partitions: Vec<PartitionLog>,
     sessions: HashMap<String, connection::Session>,
+    routing: Option<routing::ShardRouting>,
     inbox: async_channel::Receiver<ShardMsg>,
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
 ) {
@@ -429,6 +448,7 @@ async fn run_shard(
         ],
         shutting_down: Cell::new(false),
         message_ids: RefCell::new(connection::MessageIdSource::new(seed)),
+        routing,
     });
 
     let mut listeners = Vec::new();
@@ -464,6 +484,9 @@ async fn run_shard(
                     if let Err(e) = partition.enforce_retention(now_ms) {
                         tracing::warn!("failed to enforce retention: {e}");
                     }
+                }
+                if let Some(routing) = &shard.routing {
+                    routing.enforce_retention(now_ms);
                 }
             }
         })
@@ -514,6 +537,9 @@ async fn run_shard(
             break;
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(routing) = &shard.routing {
+        routing.flush_all();
     }
     for partition in shard.partitions.borrow_mut().values_mut() {
         if let Err(e) = partition.flush() {
