@@ -124,9 +124,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         devices: Some(devices),
     });
     api::serve(listener, https_tls, state, shutdown, DRAIN).await;
+    tracing::info!("the HTTPS API has stopped; stopping the data plane");
     // The data plane closes its connections and flushes every partition before exit.
     tokio::task::spawn_blocking(move || {
         engine.shutdown();
+        tracing::info!("the data plane has stopped; stopping the device service");
         // The shards are gone, and with them every sender of the device events: the thread
         // commits what is left and ends.
         drop(engine);

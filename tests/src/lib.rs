@@ -259,10 +259,14 @@ impl Hub {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the hub did not exit within 20 s of SIGTERM"
-            );
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the hub did not exit within 20 s of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
