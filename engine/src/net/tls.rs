@@ -19,7 +19,11 @@ use rustls::{
 };
 
 /// Ciphertext read from the socket per read call; a TLS record is at most 16 KiB plus overhead.
-const CIPHERTEXT_READ_BYTES: usize = 18 * 1024;
+/// The ciphertext read buffer starts small, so that an idle connection holds little, and
+/// doubles (up to a full TLS record and its overhead) while reads fill it.
+const CIPHERTEXT_READ_BYTES_MIN: usize = 4 * 1024;
+/// See [`CIPHERTEXT_READ_BYTES_MIN`].
+const CIPHERTEXT_READ_BYTES_MAX: usize = 18 * 1024;
 
 /// Accepts any client certificate whose owner proves possession of its key; identity is
 /// checked later, at CONNECT.
@@ -127,7 +131,7 @@ impl TlsStream {
     pub fn from_parts(tcp: TcpStream, conn: ServerConnection, ciphertext: Vec<u8>) -> Self {
         let filled = ciphertext.len();
         let mut scratch = ciphertext;
-        scratch.resize(CIPHERTEXT_READ_BYTES.max(filled), 0);
+        scratch.resize(CIPHERTEXT_READ_BYTES_MIN.max(filled), 0);
         Self {
             tcp,
             conn,
@@ -167,6 +171,11 @@ impl TlsStream {
                 return Ok(0);
             }
             self.filled = n;
+            // A full read: more is waiting, so read more at a time from now on.
+            if n == self.scratch.len() && n < CIPHERTEXT_READ_BYTES_MAX {
+                let grown = (n * 2).min(CIPHERTEXT_READ_BYTES_MAX);
+                self.scratch.resize(grown, 0);
+            }
         }
         let before = self.pending;
         while self.pending < self.filled {

@@ -413,7 +413,9 @@ async fn run(shard: Rc<Shard>, mut transport: Transport, connected: Connected, l
     let id = shard.next_connection_id.get();
     shard.next_connection_id.set(id + 1);
     let (close_tx, close_rx) = async_channel::bounded(1);
-    let (outbound_tx, outbound_rx) = async_channel::bounded(OUTBOUND_DEPTH);
+    // Unbounded in type, bounded by `deliver` (the shard is its only sender): an unbounded
+    // channel allocates its slots on first use, so an idle connection holds none.
+    let (outbound_tx, outbound_rx) = async_channel::unbounded();
     let previous = shard.live.borrow_mut().insert(
         key.clone(),
         LiveConnection {
@@ -558,6 +560,8 @@ pub fn deliver(shard: &Shard, identity: &IdentityKey, connection: Option<u64>, m
             .get(&key)
             .filter(|c| connection.is_none_or(|id| c.id == id))
         {
+            // The bound of the connection's queue (its only sender is this shard).
+            Some(live) if live.outbound.len() >= OUTBOUND_DEPTH => Some(message),
             Some(live) => live
                 .outbound
                 .try_send(message)
@@ -791,7 +795,8 @@ async fn serve(
     };
     let mut buf = ReadBuffer::new(leftover, limits.packet_bytes_max + READ_CHUNK_BYTES);
     let mut out = bytes::BytesMut::with_capacity(1024);
-    let mut acks: Vec<PacketId> = Vec::with_capacity(limits.inflight_count_max);
+    // Grows to the batch size on first use; an idle connection holds nothing here.
+    let mut acks: Vec<PacketId> = Vec::new();
     let mut last_packet = Instant::now();
 
     loop {
