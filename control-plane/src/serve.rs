@@ -87,6 +87,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )?);
     let devices =
         crate::devices::Devices::new(registry.clone(), engine.clone(), config.c2d_settings());
+    // Kept to close the queue at shutdown: tasks a shard leaves behind when it stops (a
+    // connection still in its handshake) may keep a sender alive, so the end of the senders
+    // cannot be what stops the thread.
+    let events_control = events_rx.clone();
     let device_thread = devices
         .spawn(events_rx)
         .context("start the device service thread")?;
@@ -129,10 +133,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || {
         engine.shutdown();
         tracing::info!("the data plane has stopped; stopping the device service");
-        // The shards are gone, and with them every sender of the device events: the thread
-        // commits what is left and ends.
+        // The shards have stopped sending: the thread commits what is queued and ends.
+        events_control.close();
         drop(engine);
         let _ = device_thread.join();
+        tracing::info!("the device service has stopped");
     })
     .await
     .context("stop the data plane")?;

@@ -438,3 +438,24 @@ fn route_test_evaluates_a_condition_against_a_message_file() {
     assert!(!ok);
     assert!(err.contains("at "), "the error names the position: {err}");
 }
+
+#[test]
+fn sigterm_ends_the_hub_while_connections_are_still_in_their_handshake() {
+    // Sockets that connect and say nothing keep their tasks waiting in the TLS handshake and in
+    // CONNECT; stopping must not wait for them (nor for anything they hold).
+    let mut hub = Hub::start();
+    let idle: Vec<std::net::TcpStream> = (0..4)
+        .flat_map(|_| [hub.mqtt_tls_port, hub.mqtt_port])
+        .map(|port| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let status = hub.terminate();
+    assert!(status.success(), "{status}: {}", hub.log());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
