@@ -28,6 +28,13 @@ pub(crate) enum Op {
     Application(u32),
     /// An unknown `$name`: the application property `strings[i]` (with its `$`), else without.
     DollarApplication(u32),
+    /// `system property = 'string constant'` in one instruction (the most common condition):
+    /// `true`/`false`, or undefined when the property is absent. Same result as
+    /// `System`, `String`, `Eq`.
+    SystemEq(&'static str, u32),
+    /// `application property = 'string constant'`, as [`Op::SystemEq`]: the property is
+    /// `strings[.0]` (lowercase), the constant `strings[.1]`.
+    ApplicationEq(u32, u32),
     /// `$body` at `paths[i]`.
     Body(u32),
     /// `$twin` section at `paths[i]`.
@@ -205,6 +212,32 @@ impl Compiler {
                     Op::JumpIfFalse(_) => Op::JumpIfFalse(target),
                     _ => Op::JumpIfTrue(target),
                 };
+            }
+            // A property compared with a string constant, either way round.
+            Expr::Binary(BinaryOp::Eq, left, right)
+                if matches!(
+                    (&**left, &**right),
+                    (
+                        Expr::System(_) | Expr::Application(_),
+                        Expr::Constant(Constant::String(_))
+                    ) | (
+                        Expr::Constant(Constant::String(_)),
+                        Expr::System(_) | Expr::Application(_)
+                    )
+                ) =>
+            {
+                let (property, constant) = match (&**left, &**right) {
+                    (Expr::Constant(Constant::String(c)), property) => (property, c),
+                    (property, Expr::Constant(Constant::String(c))) => (property, c),
+                    _ => return,
+                };
+                let constant = self.string(constant);
+                let op = match property {
+                    Expr::System(name) => Op::SystemEq(name, constant),
+                    Expr::Application(name) => Op::ApplicationEq(self.string(name), constant),
+                    _ => return,
+                };
+                self.emit(op, 1);
             }
             Expr::Binary(op, left, right) => {
                 self.expr(left);

@@ -491,6 +491,16 @@ impl<'e, M: MessageView + ?Sized> Session<'e, M> {
                 Op::Application(i) => message
                     .application_property(&strings[i as usize])
                     .map_or(Val::Undefined, Val::Str),
+                Op::SystemEq(name, constant) => match message.system_property(name) {
+                    Some(value) => Val::Bool(value == &*strings[constant as usize]),
+                    None => Val::Undefined,
+                },
+                Op::ApplicationEq(name, constant) => {
+                    match message.application_property(&strings[name as usize]) {
+                        Some(value) => Val::Bool(value == &*strings[constant as usize]),
+                        None => Val::Undefined,
+                    }
+                }
                 Op::DollarApplication(i) => {
                     let name: &str = &strings[i as usize];
                     message

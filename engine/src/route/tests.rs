@@ -477,6 +477,15 @@ fn application_properties_are_strings_and_case_insensitive() {
     check("as_number(severity) = 2", "true");
     check("AS_NUMBER(severity) <= 2", "true");
     check("missing = 'x'", "undefined");
+    // A property compared with a string constant compiles to one instruction, either way
+    // round, with the same results as the general comparison.
+    check("'hot' = processingPath", "true");
+    check("'x' = missing", "undefined");
+    check("'dev-1' = $connectionDeviceId", "true");
+    check("'dev-2' = $connectionDeviceId", "false");
+    check("$connectionModuleId = 'm'", "undefined");
+    assert_eq!(Condition::compile("level = 'x'").unwrap().len(), 1);
+    assert_eq!(Condition::compile("'x' = $messageId").unwrap().len(), 1);
     check("is_defined(missing)", "false");
     check("uni = 'ÄbÇ'", "true");
     check("UNI = 'ÄbÇ'", "true");
