@@ -449,36 +449,36 @@ pub fn c2d_outbound(message: &C2dMessage) -> Outbound {
     let mut topic = String::with_capacity(128);
     push_c2d_topic_prefix(&mut topic, &message.device_id);
     let to = format!("/devices/{}/messages/deviceBound", message.device_id);
-    let expiry = chrono::DateTime::from_timestamp_millis(message.expiry_ms as i64)
+    let expiry = chrono::DateTime::from_timestamp_millis(message.content.expiry_ms as i64)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     {
         let mut bag = PropertyBagWriter::new(&mut topic);
-        bag.system(SystemProperty::MessageId, Some(&message.message_id));
-        if let Some(cid) = &message.correlation_id {
+        bag.system(SystemProperty::MessageId, Some(&message.content.message_id));
+        if let Some(cid) = &message.content.correlation_id {
             bag.system(SystemProperty::CorrelationId, Some(cid));
         }
-        if let Some(uid) = &message.user_id {
+        if let Some(uid) = &message.content.user_id {
             bag.system(SystemProperty::UserId, Some(uid));
         }
-        if let Some(ct) = &message.content_type {
+        if let Some(ct) = &message.content.content_type {
             bag.system(SystemProperty::ContentType, Some(ct));
         }
-        if let Some(ce) = &message.content_encoding {
+        if let Some(ce) = &message.content.content_encoding {
             bag.system(SystemProperty::ContentEncoding, Some(ce));
         }
         if let Some(expiry) = &expiry {
             bag.system(SystemProperty::AbsoluteExpiryTime, Some(expiry));
         }
         bag.system(SystemProperty::To, Some(&to));
-        bag.application("iothub-ack", Some(message.ack.as_str()));
-        for (name, value) in &message.properties {
+        bag.application("iothub-ack", Some(message.content.ack.as_str()));
+        for (name, value) in &message.content.properties {
             bag.application(name, Some(value));
         }
     }
     Outbound::C2d {
         lock_token: message.lock_token,
         topic,
-        body: message.body.clone(),
+        body: message.content.body.clone(),
     }
 }
 

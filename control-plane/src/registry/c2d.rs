@@ -87,8 +87,8 @@ impl Outcome {
     }
 }
 
-/// What a back end sends.
-#[derive(Debug, Clone, Default)]
+/// What a back end sends: the message as the device will see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct C2dSpec {
     pub message_id: String,
     pub correlation_id: Option<String>,
@@ -99,28 +99,22 @@ pub struct C2dSpec {
     /// Absolute expiry, Unix milliseconds.
     pub expiry_ms: u64,
     pub properties: Vec<(String, String)>,
+    #[serde(with = "base64_bytes")]
     pub body: Vec<u8>,
 }
 
-/// A queued message.
+/// A queued message: what was sent, and the queue's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct C2dMessage {
     pub device_id: String,
     pub lock_token: u64,
-    pub message_id: String,
-    pub correlation_id: Option<String>,
-    pub user_id: Option<String>,
-    pub content_type: Option<String>,
-    pub content_encoding: Option<String>,
-    pub ack: AckMode,
-    pub expiry_ms: u64,
     /// RFC 3339.
     pub enqueued_time: String,
-    pub properties: Vec<(String, String)>,
-    #[serde(with = "base64_bytes")]
-    pub body: Vec<u8>,
     /// Times the message was sent to the device.
     pub delivery_count: u32,
+    /// Stored flat: the record's JSON keys are those of both structs.
+    #[serde(flatten)]
+    pub content: C2dSpec,
 }
 
 /// A feedback record, in the shape of Azure's feedback batch entries.
@@ -203,10 +197,10 @@ impl Queues<'_> {
     fn finish(&mut self, message: &C2dMessage, outcome: Outcome) -> Result<(), RegistryError> {
         self.c2d
             .remove((message.device_id.as_str(), message.lock_token))?;
-        if message.ack.wants(outcome) {
+        if message.content.ack.wants(outcome) {
             let (status_code, description) = outcome.status();
             let record = Feedback {
-                original_message_id: message.message_id.clone(),
+                original_message_id: message.content.message_id.clone(),
                 device_id: message.device_id.clone(),
                 device_generation_id: self.generation_of(&message.device_id)?,
                 status_code: status_code.to_owned(),
@@ -224,7 +218,7 @@ impl Queues<'_> {
     fn sweep(&mut self, device_id: &str, now_ms: u64) -> Result<Vec<C2dMessage>, RegistryError> {
         let mut live = Vec::new();
         for message in self.queue(device_id)? {
-            if message.expiry_ms <= now_ms {
+            if message.content.expiry_ms <= now_ms {
                 self.finish(&message, Outcome::Expired)?;
             } else {
                 live.push(message);
@@ -275,17 +269,9 @@ impl Registry {
             let message = C2dMessage {
                 device_id: device_id.to_owned(),
                 lock_token,
-                message_id: spec.message_id,
-                correlation_id: spec.correlation_id,
-                user_id: spec.user_id,
-                content_type: spec.content_type,
-                content_encoding: spec.content_encoding,
-                ack: spec.ack,
-                expiry_ms: spec.expiry_ms,
                 enqueued_time: now_rfc3339(),
-                properties: spec.properties,
-                body: spec.body,
                 delivery_count: 0,
+                content: spec,
             };
             q.c2d
                 .insert((device_id, lock_token), encode(&message).as_slice())?;
@@ -355,21 +341,6 @@ impl Registry {
         let txn = self.db.begin_read()?;
         let c2d = txn.open_table(C2D)?;
         Ok(lock_tokens(&c2d, device_id)?.len() as u64)
-    }
-
-    /// The devices with a non-empty queue.
-    pub fn c2d_devices(&self) -> Result<Vec<String>, RegistryError> {
-        let txn = self.db.begin_read()?;
-        let c2d = txn.open_table(C2D)?;
-        let mut devices: Vec<String> = Vec::new();
-        for entry in c2d.range::<(&str, u64)>(..)? {
-            let (key, _) = entry?;
-            let device = key.value().0;
-            if devices.last().map(String::as_str) != Some(device) {
-                devices.push(device.to_owned());
-            }
-        }
-        Ok(devices)
     }
 
     /// The oldest feedback records, up to `max`, with the token that completes them.
@@ -456,7 +427,10 @@ mod tests {
             Err(RegistryError::DeviceNotFound)
         ));
         let batch = r.c2d_take_for_delivery("d1", 10, 0).unwrap();
-        let ids: Vec<_> = batch.iter().map(|m| m.message_id.as_str()).collect();
+        let ids: Vec<_> = batch
+            .iter()
+            .map(|m| m.content.message_id.as_str())
+            .collect();
         assert_eq!(ids, ["m0", "m1", "m2"]);
         assert!(batch.iter().all(|m| m.delivery_count == 1));
         r.c2d_complete(&[("d1".into(), batch[1].lock_token)])
@@ -517,6 +491,5 @@ mod tests {
         r.delete_device("d1", &crate::registry::IfMatch::Any)
             .unwrap();
         assert_eq!(r.c2d_count("d1").unwrap(), 0);
-        assert!(r.c2d_devices().unwrap().is_empty());
     }
 }
