@@ -33,15 +33,6 @@ impl IdentityKey {
     }
 }
 
-impl std::fmt::Display for IdentityKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.module_id {
-            Some(module_id) => write!(f, "{}/{module_id}", self.device_id),
-            None => f.write_str(&self.device_id),
-        }
-    }
-}
-
 /// One live connection of an identity: the owning shard numbers its connections, and a device's
 /// owning shard never changes while the hub runs, so (identity, connection) is unique.
 pub type ConnectionId = u64;
@@ -99,7 +90,6 @@ pub struct SubscriptionSet {
     pub cloud_to_device: bool,
     pub methods: bool,
     pub desired_patches: bool,
-    pub twin_responses: bool,
 }
 
 /// What the control plane sends to a device's connection.

@@ -543,8 +543,8 @@ fn subscriptions(filters: &[String], identity: Identity<'_>) -> SubscriptionSet 
             Some(Subscription::CloudToDevice) => set.cloud_to_device = true,
             Some(Subscription::MethodRequests) => set.methods = true,
             Some(Subscription::TwinDesiredPatches) => set.desired_patches = true,
-            Some(Subscription::TwinResponses) => set.twin_responses = true,
-            Some(Subscription::ModuleInputs) | None => {}
+            // Twin answers go to the connection that asked, subscribed or not.
+            Some(Subscription::TwinResponses | Subscription::ModuleInputs) | None => {}
         }
     }
     set
