@@ -21,7 +21,9 @@ use super::registry_routes::{blocking, if_match};
 use super::{empty_response, json_response, wire, ApiError, ApiRequest, ApiResponse, AppState};
 use crate::devices;
 use crate::policy::Permission;
-use crate::registry::{AckMode, C2dSpec, Device, IfMatch, Module, RegistryError, TwinRow};
+use crate::registry::{
+    AckMode, C2dSpec, Device, IfMatch, Module, Registry, RegistryError, TwinRow,
+};
 use crate::twin::{self, TwinDoc, TwinIdentity};
 
 const SERVICE: &[Permission] = &[Permission::ServiceConnect];
@@ -150,24 +152,29 @@ fn twin_json(
     twin.to_rest(&identity)
 }
 
-/// Reads the identity records and twin of one identity.
-async fn load_twin(
-    state: &AppState,
+/// The records of one identity: its device and, for a module, the module.
+fn identity_records(
+    r: &Registry,
     device_id: &str,
     module_id: Option<&str>,
-) -> Result<(Device, Option<Module>, TwinDoc, u64), ApiError> {
-    let (d, m) = (device_id.to_owned(), module_id.map(str::to_owned));
-    blocking(state, move |r| {
-        let device = r.device(&d)?.ok_or(RegistryError::DeviceNotFound)?;
-        let module = match &m {
-            Some(m) => Some(r.module(&d, m)?.ok_or(RegistryError::ModuleNotFound)?),
-            None => None,
-        };
-        let twin = r.twin(&d, m.as_deref())?;
-        let c2d = if m.is_none() { r.c2d_count(&d)? } else { 0 };
-        Ok((device, module, twin, c2d))
-    })
-    .await
+) -> Result<(Device, Option<Module>), RegistryError> {
+    let device = r.device(device_id)?.ok_or(RegistryError::DeviceNotFound)?;
+    let module = match module_id {
+        Some(m) => Some(
+            r.module(device_id, m)?
+                .ok_or(RegistryError::ModuleNotFound)?,
+        ),
+        None => None,
+    };
+    Ok((device, module))
+}
+
+/// The C2D queue length a twin shows (modules have no queue).
+fn c2d_count(r: &Registry, device_id: &str, module_id: Option<&str>) -> Result<u64, RegistryError> {
+    match module_id {
+        Some(_) => Ok(0),
+        None => r.c2d_count(device_id),
+    }
 }
 
 async fn get_twin(
@@ -176,7 +183,13 @@ async fn get_twin(
     module_id: Option<&str>,
 ) -> Result<ApiResponse, ApiError> {
     check_identity(device_id, module_id)?;
-    let (device, module, twin, c2d) = load_twin(state, device_id, module_id).await?;
+    let (d, m) = (device_id.to_owned(), module_id.map(str::to_owned));
+    let (device, module, twin, c2d) = blocking(state, move |r| {
+        let (device, module) = identity_records(r, &d, m.as_deref())?;
+        let twin = r.twin(&d, m.as_deref())?;
+        Ok((device, module, twin, c2d_count(r, &d, m.as_deref())?))
+    })
+    .await?;
     let body = twin_json(state, &device, module.as_ref(), &twin, c2d).to_string();
     Ok(with_etag(json_response(StatusCode::OK, body), &twin.etag()))
 }
@@ -194,20 +207,21 @@ async fn update_twin(
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let replace = req.method == Method::PUT;
     let (d, mid) = (device_id.to_owned(), module_id.map(str::to_owned));
-    let (twin, desired) = blocking(state, move |r| {
-        r.update_twin(&d, mid.as_deref(), &m, |twin, now| {
+    let (twin, desired, (device, module), c2d) = blocking(state, move |r| {
+        let (twin, desired) = r.update_twin(&d, mid.as_deref(), &m, |twin, now| {
             if replace {
                 twin.replace_service(&body, now)
             } else {
                 twin.patch_service(&body, now)
             }
-        })
+        })?;
+        let records = identity_records(r, &d, mid.as_deref())?;
+        Ok((twin, desired, records, c2d_count(r, &d, mid.as_deref())?))
     })
     .await?;
     if let (Some(desired), Some(devices)) = (desired, &state.devices) {
         devices.push_desired(device_id, module_id, desired);
     }
-    let (device, module, _, c2d) = load_twin(state, device_id, module_id).await?;
     let body = twin_json(state, &device, module.as_ref(), &twin, c2d).to_string();
     Ok(with_etag(json_response(StatusCode::OK, body), &twin.etag()))
 }
@@ -288,7 +302,11 @@ async fn invoke(
         ));
     }
     // The identity must exist (404001 / 404010 rather than "not online").
-    load_twin(state, device_id, module_id).await?;
+    let (d, m) = (device_id.to_owned(), module_id.map(str::to_owned));
+    blocking(state, move |r| {
+        identity_records(r, &d, m.as_deref()).map(drop)
+    })
+    .await?;
     let Some(devices) = &state.devices else {
         return Err(device_not_online(connect_timeout));
     };
@@ -390,20 +408,14 @@ async fn query(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiErr
     };
     let modules = parsed.collection() == twin::query::Collection::Modules;
     let rows: Vec<TwinRow> = blocking(state, move |r| r.twins_for_query(modules)).await?;
-    let counts = if modules {
-        Vec::new()
-    } else {
-        let ids: Vec<String> = rows.iter().map(|r| r.device.device_id.clone()).collect();
-        blocking(state, move |r| {
-            ids.iter()
-                .map(|id| r.c2d_count(id))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await?
-    };
-    let json_rows = rows.iter().enumerate().map(|(i, row)| {
-        let count = counts.get(i).copied().unwrap_or(0);
-        twin_json(state, &row.device, row.module.as_ref(), &row.twin, count)
+    let json_rows = rows.iter().map(|row| {
+        twin_json(
+            state,
+            &row.device,
+            row.module.as_ref(),
+            &row.twin,
+            row.c2d_count,
+        )
     });
     let output = parsed.run(json_rows);
     let total = output.items.len();
@@ -497,14 +509,14 @@ async fn send_c2d(
     if let Some(devices) = &state.devices {
         devices.c2d_enqueued(&message);
     }
-    let expiry = chrono::DateTime::from_timestamp_millis(message.expiry_ms as i64)
+    let expiry = chrono::DateTime::from_timestamp_millis(message.content.expiry_ms as i64)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     let body = json!({
-        "messageId": message.message_id,
+        "messageId": message.content.message_id,
         "deviceId": message.device_id,
         "lockToken": message.lock_token.to_string(),
         "expiryTimeUtc": expiry,
-        "ack": message.ack.as_str(),
+        "ack": message.content.ack.as_str(),
     });
     Ok(json_response(StatusCode::OK, body.to_string()))
 }

@@ -121,6 +121,7 @@ impl Registry {
         let txn = self.db.begin_read()?;
         let twins = txn.open_table(TWINS)?;
         let devices = txn.open_table(super::DEVICES)?;
+        let queues = txn.open_table(super::C2D)?;
         let now = now_rfc3339();
         let stored = |device: &str, module: &str| -> Result<TwinDoc, RegistryError> {
             match twins.get((device, module))? {
@@ -141,6 +142,7 @@ impl Registry {
                     device: decode(device.value())?,
                     module: Some(decode(value.value())?),
                     twin: stored(device_id, module_id)?,
+                    c2d_count: 0,
                 });
             }
         } else {
@@ -150,6 +152,7 @@ impl Registry {
                     device: decode(value.value())?,
                     module: None,
                     twin: stored(key.value(), "")?,
+                    c2d_count: super::c2d::lock_tokens(&queues, key.value())?.len() as u64,
                 });
             }
         }
@@ -163,4 +166,6 @@ pub struct TwinRow {
     pub device: super::Device,
     pub module: Option<super::Module>,
     pub twin: TwinDoc,
+    /// Messages in the device's C2D queue (0 for a module), read in the same transaction.
+    pub c2d_count: u64,
 }
