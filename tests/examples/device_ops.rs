@@ -18,22 +18,12 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 use ingot_engine::mqtt::QoS;
-use ingot_tests::mqtt_client::{Client, ConnectOptions, Received};
+use ingot_tests::mqtt_client::{Client, Received};
 use ingot_tests::{arg, Hub};
 use serde_json::json;
 
 fn connect(hub: &Hub, id: &str, key: &[u8], filters: &[&str]) -> Client {
-    let mut client = Client::plain(hub.mqtt_port).unwrap();
-    let (user, password) = (
-        ingot_tests::device_username(id),
-        ingot_tests::device_token(id, key),
-    );
-    let mut options = ConnectOptions::device(id, &user, &password);
-    options.clean_session = true;
-    assert!(matches!(
-        client.connect(&options).unwrap(),
-        Some(Received::Connack { code: 0, .. })
-    ));
+    let (mut client, _) = hub.connect_device(id, key, true);
     let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (*f, QoS::AtMostOnce)).collect();
     client.subscribe(1, &filters).unwrap();
     while !matches!(client.receive().unwrap(), Some(Received::Suback(..))) {}

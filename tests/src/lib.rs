@@ -234,6 +234,27 @@ impl Hub {
         primary_key(&reply.success().expect("module created"))
     }
 
+    /// Connects a SAS device over plain MQTT as the SDKs do; panics unless CONNACK is 0.
+    /// Returns the client and the CONNACK's session-present flag.
+    pub fn connect_device(
+        &self,
+        id: &str,
+        key: &[u8],
+        clean_session: bool,
+    ) -> (mqtt_client::Client, bool) {
+        let mut client = mqtt_client::Client::plain(self.mqtt_port).expect("connect");
+        let (user, password) = (device_username(id), device_token(id, key));
+        let mut options = mqtt_client::ConnectOptions::device(id, &user, &password);
+        options.clean_session = clean_session;
+        match client.connect(&options).expect("CONNECT") {
+            Some(mqtt_client::Received::Connack {
+                code: 0,
+                session_present,
+            }) => (client, session_present),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use ingot_engine::store::{PartitionId, Reader, StartAt};
-use ingot_tests::mqtt_client::{Client, ConnectOptions, Received};
+use ingot_tests::mqtt_client::Received;
 use ingot_tests::Hub;
 
 const ROUTING: &str = r#"
@@ -70,15 +70,7 @@ fn records(dir: &Path) -> BTreeSet<(String, String)> {
 
 fn publish_all(hub: &Hub, device: &str, messages: &[(&str, &str)]) {
     let key = hub.create_sas_device(device);
-    let mut client = Client::plain(hub.mqtt_port).unwrap();
-    let (user, password) = (
-        ingot_tests::device_username(device),
-        ingot_tests::device_token(device, &key),
-    );
-    let ack = client
-        .connect(&ConnectOptions::device(device, &user, &password))
-        .unwrap();
-    assert!(matches!(ack, Some(Received::Connack { code: 0, .. })));
+    let (mut client, _) = hub.connect_device(device, &key, false);
     for (i, (bag, body)) in messages.iter().enumerate() {
         let id = i as u16 + 1;
         let topic = format!("devices/{device}/messages/events/{bag}");

@@ -17,21 +17,7 @@ use ingot_tests::Hub;
 use serde_json::{json, Value};
 
 fn connect(hub: &Hub, id: &str, key: &[u8]) -> (Client, bool) {
-    let mut client = Client::plain(hub.mqtt_port).unwrap();
-    let (user, password) = (
-        ingot_tests::device_username(id),
-        ingot_tests::device_token(id, key),
-    );
-    let ack = client
-        .connect(&ConnectOptions::device(id, &user, &password))
-        .unwrap();
-    match ack {
-        Some(Received::Connack {
-            code: 0,
-            session_present,
-        }) => (client, session_present),
-        other => panic!("{id}: {other:?}"),
-    }
+    hub.connect_device(id, key, false)
 }
 
 fn subscribe(client: &mut Client, filters: &[&str]) -> Vec<u8> {
