@@ -58,20 +58,78 @@ impl Default for RoutingConfig {
     }
 }
 
-/// A custom endpoint. `log`: a segment log beside `events`, read the same way
-/// (`ingot monitor-events --endpoint NAME`, the reader library on `data_dir/endpoints/NAME`).
+/// A custom endpoint. Every kind is a segment log beside `events` in `data_dir/endpoints/NAME`
+/// that ingest appends to; `files` and `webhook` endpoints also have a delivery worker that reads
+/// that log, delivers what it reads and checkpoints its progress (`control-plane/src/delivery`).
+/// Field names are camelCase, as Azure's (`fileNameFormat`, `batchFrequencyInSeconds`, ...);
+/// the fields of one kind are refused on another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EndpointConfig {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: EndpointKind,
+    /// `files`: the directory the files are written under (Azure's storage container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+    /// `files`: the name of each file below `path`; Azure's default
+    /// `{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_name_format: Option<String>,
+    /// `files`: a file is closed when it is this old (Azure: 60 to 720 s, default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_frequency_in_seconds: Option<u32>,
+    /// `files`: or when it reaches this size (Azure: 100 to 500 MiB, default 300 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_chunk_size_in_bytes: Option<u64>,
+    /// `webhook`: where batches are POSTed (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `webhook`: messages per POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<u32>,
+    /// `webhook`: attempts at one batch before it is dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delivery_attempts: Option<u32>,
+    /// `webhook`: the first retry's delay; each next one doubles, up to `maxBackoffMs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_backoff_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backoff_ms: Option<u64>,
+    /// `webhook`: time allowed for one POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EndpointKind {
+    /// A segment log only: back ends read it like `events`.
     Log,
+    /// JSON-lines files rolled by size and time (Azure's storage container endpoint).
+    Files,
+    /// HTTP POSTs of JSON batches, retried with backoff, dead-lettered when they keep failing.
+    Webhook,
+}
+
+impl EndpointConfig {
+    /// A `log` endpoint (no other fields).
+    pub fn log(name: &str) -> EndpointConfig {
+        EndpointConfig {
+            name: name.to_owned(),
+            kind: EndpointKind::Log,
+            path: None,
+            file_name_format: None,
+            batch_frequency_in_seconds: None,
+            max_chunk_size_in_bytes: None,
+            url: None,
+            max_batch_size: None,
+            max_delivery_attempts: None,
+            initial_backoff_ms: None,
+            max_backoff_ms: None,
+            timeout_ms: None,
+        }
+    }
 }
 
 /// A route, with Azure's field names.

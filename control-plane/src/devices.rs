@@ -66,15 +66,23 @@ struct Presence {
 pub struct Devices {
     registry: Arc<Registry>,
     engine: Arc<Engine>,
+    /// The route table in force: which system events are wanted.
+    routing: Arc<crate::routing::RoutingState>,
     presence: Mutex<HashMap<IdentityKey, Presence>>,
     pub c2d: C2dSettings,
 }
 
 impl Devices {
-    pub fn new(registry: Arc<Registry>, engine: Arc<Engine>, c2d: C2dSettings) -> Arc<Self> {
+    pub fn new(
+        registry: Arc<Registry>,
+        engine: Arc<Engine>,
+        c2d: C2dSettings,
+        routing: Arc<crate::routing::RoutingState>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             engine,
+            routing,
             presence: Mutex::default(),
             c2d,
         })
@@ -82,6 +90,10 @@ impl Devices {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    pub fn routing(&self) -> &Arc<crate::routing::RoutingState> {
+        &self.routing
     }
 
     fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<IdentityKey, Presence>> {

@@ -18,6 +18,7 @@ pub mod local;
 pub mod monitor;
 pub mod policy;
 pub mod registry;
+pub mod routing;
 pub mod serve;
 pub mod tls;
 pub mod twin;

@@ -85,8 +85,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         policies.clone(),
         services,
     )?);
-    let devices =
-        crate::devices::Devices::new(registry.clone(), engine.clone(), config.c2d_settings());
+    let routing = Arc::new(crate::routing::RoutingState::new(config.routing.table()?));
+    let devices = crate::devices::Devices::new(
+        registry.clone(),
+        engine.clone(),
+        config.c2d_settings(),
+        routing.clone(),
+    );
     // Kept to close the queue at shutdown: tasks a shard leaves behind when it stops (a
     // connection still in its handshake) may keep a sender alive, so the end of the senders
     // cannot be what stops the thread.
@@ -126,6 +131,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         http: config.http.clone(),
         engine: Some(engine.clone()),
         devices: Some(devices),
+        routing,
     });
     api::serve(listener, https_tls, state, shutdown, DRAIN).await;
     tracing::info!("the HTTPS API has stopped; stopping the data plane");

@@ -53,6 +53,8 @@ pub struct AppState {
     /// Live devices: presence, twins pushed to devices, method calls, C2D delivery. `None`
     /// when no data plane runs.
     pub devices: Option<Arc<crate::devices::Devices>>,
+    /// The route table in force.
+    pub routing: Arc<crate::routing::RoutingState>,
 }
 
 impl AppState {
