@@ -59,9 +59,12 @@ pub enum Command {
     Twin(TwinCommand),
     /// Call a direct method on a device or module and print its answer.
     Method(MethodArgs),
-    /// Message routing.
+    /// Message routes: add, list, remove, and test a condition offline.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Custom endpoints that routes send messages to: add, list, remove.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
     /// Print a SAS token for a device, a module or a shared access policy.
     SasToken(SasTokenArgs),
     /// Print the events of the built-in endpoint, one JSON object per line (reads the segment
@@ -211,6 +214,42 @@ pub struct MethodArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum RouteCommand {
+    /// Add a route, or replace one added before (in force on every shard when this returns).
+    Add {
+        name: String,
+        /// DeviceMessages, TwinChangeEvents, DeviceLifecycleEvents or
+        /// DeviceConnectionStateEvents.
+        #[arg(long, default_value = "DeviceMessages")]
+        source: String,
+        /// In the IoT Hub routing query language; none matches every message.
+        #[arg(long)]
+        condition: Option<String>,
+        /// The endpoint: a custom endpoint's name or `events` (Azure takes exactly one).
+        #[arg(long = "endpoint", value_name = "NAME", required = true, num_args = 1..)]
+        endpoints: Vec<String>,
+        /// Add the route disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List the routes (those of the configuration file too, with `"origin": "configFile"`).
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show one route.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove a route added through the API.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Evaluate a route condition against a message, offline: prints match, noMatch or undefined
     /// (or where the condition does not parse).
     Test {
@@ -224,6 +263,52 @@ pub enum RouteCommand {
         /// The sender's twin for `$twin` references (the JSON of `ingot twin show`).
         #[arg(long, value_name = "FILE")]
         twin: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum EndpointTypeArg {
+    Log,
+    Files,
+    Webhook,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// Add a custom endpoint, or replace one added before (docs/routing.md lists each type's
+    /// settings).
+    Add {
+        name: String,
+        #[arg(long = "type", value_enum)]
+        kind: EndpointTypeArg,
+        /// webhook: where batches are POSTed.
+        #[arg(long)]
+        url: Option<String>,
+        /// files: the directory files are written under.
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// Any other setting by its field name, e.g. `batchFrequencyInSeconds=60` (repeatable).
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        settings: Vec<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List the custom endpoints (those of the configuration file too).
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show one endpoint.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove an endpoint added through the API, with its log (refused while a route names it).
+    Remove {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 
@@ -484,11 +569,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::C2d(command) => c2d(command),
         Command::Twin(command) => twin(command),
         Command::Method(args) => method(args),
-        Command::Route(RouteCommand::Test {
-            condition,
-            message,
-            twin,
-        }) => route_test(&condition, &message, twin.as_deref()),
+        Command::Route(command) => route(command),
+        Command::Endpoint(command) => endpoint(command),
         Command::MonitorEvents(args) => crate::monitor::monitor_events(&args),
         Command::Log(LogCommand::Verify(args)) => crate::monitor::log_verify(&args),
     }
@@ -745,6 +827,125 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
                 .success()?,
         ),
         CaCommand::Remove { name, connection } => {
+            connection
+                .client()?
+                .request(Method::DELETE, &path(&name), &[], None)?
+                .success()?;
+            Ok(())
+        }
+    }
+}
+
+fn route(command: RouteCommand) -> anyhow::Result<()> {
+    let path = |name: &str| format!("/routing/routes/{}", segment(name));
+    match command {
+        RouteCommand::Add {
+            name,
+            source,
+            condition,
+            endpoints,
+            disabled,
+            connection,
+        } => {
+            let mut body = json!({
+                "source": source,
+                "endpointNames": endpoints,
+                "isEnabled": !disabled,
+            });
+            if let Some(condition) = condition {
+                body["condition"] = json!(condition);
+            }
+            print(
+                &connection
+                    .client()?
+                    .request(Method::PUT, &path(&name), &[], Some(&body))?
+                    .success()?,
+            )
+        }
+        RouteCommand::List { connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, "/routing/routes", &[], None)?
+                .success()?["value"],
+        ),
+        RouteCommand::Show { name, connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, &path(&name), &[], None)?
+                .success()?,
+        ),
+        RouteCommand::Remove { name, connection } => {
+            connection
+                .client()?
+                .request(Method::DELETE, &path(&name), &[], None)?
+                .success()?;
+            Ok(())
+        }
+        RouteCommand::Test {
+            condition,
+            message,
+            twin,
+        } => route_test(&condition, &message, twin.as_deref()),
+    }
+}
+
+fn endpoint(command: EndpointCommand) -> anyhow::Result<()> {
+    let path = |name: &str| format!("/routing/endpoints/{}", segment(name));
+    match command {
+        EndpointCommand::Add {
+            name,
+            kind,
+            url,
+            path: dir,
+            settings,
+            connection,
+        } => {
+            let kind = match kind {
+                EndpointTypeArg::Log => "log",
+                EndpointTypeArg::Files => "files",
+                EndpointTypeArg::Webhook => "webhook",
+            };
+            let mut body = json!({ "type": kind });
+            if let Some(url) = url {
+                body["url"] = json!(url);
+            }
+            if let Some(dir) = dir {
+                // The hub resolves nothing against its own working directory.
+                let dir = std::path::absolute(&dir)
+                    .with_context(|| format!("resolve {}", dir.display()))?;
+                body["path"] = json!(dir);
+            }
+            for setting in settings {
+                let (field, value) = setting
+                    .split_once('=')
+                    .with_context(|| format!("--set {setting}: expected FIELD=VALUE"))?;
+                // Numbers and booleans as JSON, anything else as a string.
+                let value = serde_json::from_str::<Value>(value)
+                    .ok()
+                    .filter(|v| v.is_number() || v.is_boolean())
+                    .unwrap_or_else(|| json!(value));
+                body[field] = value;
+            }
+            print(
+                &connection
+                    .client()?
+                    .request(Method::PUT, &path(&name), &[], Some(&body))?
+                    .success()?,
+            )
+        }
+        EndpointCommand::List { connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, "/routing/endpoints", &[], None)?
+                .success()?["value"],
+        ),
+        EndpointCommand::Show { name, connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, &path(&name), &[], None)?
+                .success()?,
+        ),
+        EndpointCommand::Remove { name, connection } => {
             connection
                 .client()?
                 .request(Method::DELETE, &path(&name), &[], None)?

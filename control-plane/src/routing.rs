@@ -2,9 +2,13 @@
 //! part of the control plane that produces routable events (lifecycle, twin change, connection
 //! state), which Azure emits only when a route for their source exists.
 
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use ingot_engine::route::{RouteSource, RouteTable};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{EndpointConfig, RouteConfig, RoutingConfig};
 
 /// The current route table; replaced whole when routes change.
 #[derive(Debug, Default)]
@@ -39,5 +43,312 @@ impl RoutingState {
     /// are built and sent to the shards only then.
     pub fn wants(&self, source: RouteSource) -> bool {
         self.table().is_some_and(|t| t.has_source(source))
+    }
+}
+
+/// Opens (creating it if new) the segment log of custom endpoint `name`:
+/// `data_dir/endpoints/NAME`, with the store settings of `events` and `partitions` partitions.
+pub fn open_endpoint_log(
+    config: &crate::config::Config,
+    name: &str,
+    partitions: usize,
+) -> anyhow::Result<Vec<ingot_engine::store::PartitionLog>> {
+    use anyhow::Context as _;
+    let dir = endpoint_dir(&config.data_dir, name);
+    let store_config = ingot_engine::store::StoreConfig {
+        partitions: partitions as u32,
+        ..config.store_config(config.shard_count())?
+    };
+    let store = ingot_engine::store::Store::open(&dir, store_config)
+        .with_context(|| format!("open the log of endpoint '{name}'"))?;
+    Ok(store.into_partitions())
+}
+
+/// Where custom endpoint `name` keeps its log.
+pub fn endpoint_dir(data_dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    data_dir.join("endpoints").join(name)
+}
+
+/// The endpoints and routes added through the API, kept in `data_dir/routing.json` (replaced
+/// atomically at each change). The configuration file's own are not stored here: the file stays
+/// their source, read at every start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeRouting {
+    pub endpoints: Vec<EndpointConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+const RUNTIME_FILE: &str = "routing.json";
+
+impl RuntimeRouting {
+    /// Reads `data_dir/routing.json`; none yet is an empty set.
+    pub fn load(data_dir: &Path) -> anyhow::Result<RuntimeRouting> {
+        use anyhow::Context as _;
+        let path = data_dir.join(RUNTIME_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("read the routes and endpoints in {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RuntimeRouting::default()),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+
+    fn save(&self, data_dir: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&data_dir.join(RUNTIME_FILE), &json, true)
+    }
+
+    /// The routing in force: the configuration file's endpoints and routes, then these.
+    pub fn merged(&self, file: &RoutingConfig) -> RoutingConfig {
+        RoutingConfig {
+            fallback: file.fallback,
+            endpoints: file
+                .endpoints
+                .iter()
+                .chain(&self.endpoints)
+                .cloned()
+                .collect(),
+            routes: file.routes.iter().chain(&self.routes).cloned().collect(),
+        }
+    }
+}
+
+/// Why a routing change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// Defined in the configuration file, or still used by a route.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where an endpoint or route is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration file: read-only through the API.
+    ConfigFile,
+    Api,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::ConfigFile => "configFile",
+            Origin::Api => "api",
+        }
+    }
+}
+
+/// Changes routes and endpoints at run time: validates the whole new routing, opens the logs of
+/// new endpoints, puts the new table in force on every shard (which returns once each applied
+/// it), saves the change, and only then closes and deletes the logs of removed endpoints.
+/// Changes are serialized.
+#[derive(Debug)]
+pub struct RoutingManager {
+    config: crate::config::Config,
+    partitions: usize,
+    runtime: tokio::sync::Mutex<RuntimeRouting>,
+    state: Arc<RoutingState>,
+    engine: Arc<ingot_engine::shard::Engine>,
+}
+
+impl RoutingManager {
+    pub fn new(
+        config: crate::config::Config,
+        partitions: usize,
+        runtime: RuntimeRouting,
+        state: Arc<RoutingState>,
+        engine: Arc<ingot_engine::shard::Engine>,
+    ) -> RoutingManager {
+        RoutingManager {
+            config,
+            partitions,
+            runtime: tokio::sync::Mutex::new(runtime),
+            state,
+            engine,
+        }
+    }
+
+    /// The routing in force, each endpoint and route with where it is defined.
+    pub async fn current(&self) -> (RoutingConfig, Vec<Origin>, Vec<Origin>) {
+        let runtime = self.runtime.lock().await;
+        let file = &self.config.routing;
+        let merged = runtime.merged(file);
+        let origins = |file: usize, api: usize| {
+            std::iter::repeat_n(Origin::ConfigFile, file)
+                .chain(std::iter::repeat_n(Origin::Api, api))
+                .collect::<Vec<_>>()
+        };
+        let endpoints = origins(file.endpoints.len(), runtime.endpoints.len());
+        let routes = origins(file.routes.len(), runtime.routes.len());
+        (merged, endpoints, routes)
+    }
+
+    fn file_defines_endpoint(&self, name: &str) -> bool {
+        self.config.routing.endpoints.iter().any(|e| e.name == name)
+    }
+
+    fn file_defines_route(&self, name: &str) -> bool {
+        self.config.routing.routes.iter().any(|r| r.name == name)
+    }
+
+    /// Adds an endpoint, or replaces one added through the API (its log is kept). Returns
+    /// whether it was created.
+    pub async fn put_endpoint(&self, endpoint: EndpointConfig) -> Result<bool, ChangeError> {
+        if self.file_defines_endpoint(&endpoint.name) {
+            return Err(ChangeError::Conflict(format!(
+                "endpoint '{}' is defined in the configuration file; change it there",
+                endpoint.name
+            )));
+        }
+        let mut runtime = self.runtime.lock().await;
+        let mut next = runtime.clone();
+        let created = match next.endpoints.iter_mut().find(|e| e.name == endpoint.name) {
+            Some(existing) => {
+                *existing = endpoint.clone();
+                false
+            }
+            None => {
+                next.endpoints.push(endpoint.clone());
+                true
+            }
+        };
+        let table = self.validate(&next)?;
+        let mut added = Vec::new();
+        if created {
+            let (config, name, partitions) =
+                (self.config.clone(), endpoint.name.clone(), self.partitions);
+            let logs =
+                tokio::task::spawn_blocking(move || open_endpoint_log(&config, &name, partitions))
+                    .await
+                    .map_err(|e| ChangeError::Unavailable(e.to_string()))?
+                    .map_err(|e| ChangeError::Unavailable(format!("{e:#}")))?;
+            added.push((endpoint.name.clone(), logs));
+        }
+        self.commit(&mut runtime, next, table, added, Vec::new())
+            .await?;
+        Ok(created)
+    }
+
+    /// Removes an endpoint added through the API, with its log. Refused while a route names it.
+    pub async fn remove_endpoint(&self, name: &str) -> Result<(), ChangeError> {
+        if self.file_defines_endpoint(name) {
+            return Err(ChangeError::Conflict(format!(
+                "endpoint '{name}' is defined in the configuration file; remove it there"
+            )));
+        }
+        let mut runtime = self.runtime.lock().await;
+        if !runtime.endpoints.iter().any(|e| e.name == name) {
+            return Err(ChangeError::NotFound(format!("no endpoint '{name}'")));
+        }
+        let merged = runtime.merged(&self.config.routing);
+        if let Some(route) = merged
+            .routes
+            .iter()
+            .find(|r| r.endpoint_names.iter().any(|e| e == name))
+        {
+            return Err(ChangeError::Conflict(format!(
+                "endpoint '{name}' is used by route '{}'; remove or change the route first",
+                route.name
+            )));
+        }
+        let mut next = runtime.clone();
+        next.endpoints.retain(|e| e.name != name);
+        let table = self.validate(&next)?;
+        self.commit(&mut runtime, next, table, Vec::new(), vec![name.to_owned()])
+            .await?;
+        // Every shard has closed the log: delete it.
+        let dir = endpoint_dir(&self.config.data_dir, name);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(
+                "failed to delete the log of removed endpoint '{name}' in {}: {e}",
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces a route added through the API. Returns whether it was created.
+    pub async fn put_route(&self, route: RouteConfig) -> Result<bool, ChangeError> {
+        if self.file_defines_route(&route.name) {
+            return Err(ChangeError::Conflict(format!(
+                "route '{}' is defined in the configuration file; change it there",
+                route.name
+            )));
+        }
+        let mut runtime = self.runtime.lock().await;
+        let mut next = runtime.clone();
+        let created = match next.routes.iter_mut().find(|r| r.name == route.name) {
+            Some(existing) => {
+                *existing = route;
+                false
+            }
+            None => {
+                next.routes.push(route);
+                true
+            }
+        };
+        let table = self.validate(&next)?;
+        self.commit(&mut runtime, next, table, Vec::new(), Vec::new())
+            .await?;
+        Ok(created)
+    }
+
+    pub async fn remove_route(&self, name: &str) -> Result<(), ChangeError> {
+        if self.file_defines_route(name) {
+            return Err(ChangeError::Conflict(format!(
+                "route '{name}' is defined in the configuration file; remove it there"
+            )));
+        }
+        let mut runtime = self.runtime.lock().await;
+        if !runtime.routes.iter().any(|r| r.name == name) {
+            return Err(ChangeError::NotFound(format!("no route '{name}'")));
+        }
+        let mut next = runtime.clone();
+        next.routes.retain(|r| r.name != name);
+        let table = self.validate(&next)?;
+        self.commit(&mut runtime, next, table, Vec::new(), Vec::new())
+            .await
+    }
+
+    fn validate(&self, next: &RuntimeRouting) -> Result<Option<RouteTable>, ChangeError> {
+        next.merged(&self.config.routing)
+            .table()
+            .map_err(|e| ChangeError::Invalid(e.to_string()))
+    }
+
+    /// Saves `next`, then puts it in force on the shards. Saved first: a crash between the two
+    /// starts the hub with the change, which the caller was about to be told had succeeded.
+    async fn commit(
+        &self,
+        runtime: &mut RuntimeRouting,
+        next: RuntimeRouting,
+        table: Option<RouteTable>,
+        added: Vec<(String, Vec<ingot_engine::store::PartitionLog>)>,
+        removed: Vec<String>,
+    ) -> Result<(), ChangeError> {
+        let (data_dir, to_save) = (self.config.data_dir.clone(), next.clone());
+        tokio::task::spawn_blocking(move || to_save.save(&data_dir))
+            .await
+            .map_err(|e| ChangeError::Unavailable(e.to_string()))?
+            .map_err(|e| ChangeError::Unavailable(format!("failed to save the routing: {e}")))?;
+        *runtime = next;
+        let update = ingot_engine::shard::RoutingUpdate {
+            table: table.clone(),
+            added,
+            removed,
+        };
+        self.engine
+            .update_routing(update)
+            .await
+            .map_err(|e| ChangeError::Unavailable(e.to_string()))?;
+        self.state.replace(table);
+        Ok(())
     }
 }

@@ -76,16 +76,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let services = ingot_engine::shard::EngineServices {
         events: events_tx,
         sessions,
-        routing: None,
+        routing: ingot_engine::shard::RoutingUpdate::default(),
     };
+    // The configuration file's routes and endpoints, then those added through the API.
+    let runtime_routing = crate::routing::RuntimeRouting::load(data_dir)?;
+    let mut effective = config.clone();
+    effective.routing = runtime_routing.merged(&config.routing);
     let engine = Arc::new(start_engine(
-        &config,
+        &effective,
         &tls_files,
         registry.clone(),
         policies.clone(),
         services,
     )?);
-    let routing = Arc::new(crate::routing::RoutingState::new(config.routing.table()?));
+    let routing = Arc::new(crate::routing::RoutingState::new(
+        effective.routing.table()?,
+    ));
+    let routing_manager = Arc::new(crate::routing::RoutingManager::new(
+        config.clone(),
+        engine.partition_count() as usize,
+        runtime_routing,
+        routing.clone(),
+        engine.clone(),
+    ));
     let devices = crate::devices::Devices::new(
         registry.clone(),
         engine.clone(),
@@ -132,6 +145,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         engine: Some(engine.clone()),
         devices: Some(devices),
         routing,
+        routing_manager: Some(routing_manager),
     });
     api::serve(listener, https_tls, state, shutdown, DRAIN).await;
     tracing::info!("the HTTPS API has stopped; stopping the data plane");
@@ -164,23 +178,16 @@ fn start_engine(
     let store = ingot_engine::store::Store::open(&config.data_dir, store_config.clone())
         .context("open the segment store")?;
     let partitions = store.into_partitions();
-    services.routing = match config.routing.table()? {
-        None => None,
-        Some(table) => {
-            // Each `log` endpoint is a store of its own with as many partitions as `events`.
-            let mut endpoints = Vec::new();
-            for endpoint in &config.routing.endpoints {
-                let dir = config.data_dir.join("endpoints").join(&endpoint.name);
-                let endpoint_config = ingot_engine::store::StoreConfig {
-                    partitions: partitions.len() as u32,
-                    ..store_config.clone()
-                };
-                let store = ingot_engine::store::Store::open(&dir, endpoint_config)
-                    .with_context(|| format!("open the log of endpoint '{}'", endpoint.name))?;
-                endpoints.push((endpoint.name.clone(), store.into_partitions()));
-            }
-            Some(ingot_engine::shard::Routing { table, endpoints })
-        }
+    // Each custom endpoint is a store of its own with as many partitions as `events`.
+    let mut added = Vec::new();
+    for endpoint in &config.routing.endpoints {
+        let logs = crate::routing::open_endpoint_log(config, &endpoint.name, partitions.len())?;
+        added.push((endpoint.name.clone(), logs));
+    }
+    services.routing = ingot_engine::shard::RoutingUpdate {
+        table: config.routing.table()?,
+        added,
+        removed: Vec::new(),
     };
     let certs = tls::load_certs(&tls_files.cert_chain)?;
     let key = tls::load_key(&tls_files.key)?;

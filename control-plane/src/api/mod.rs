@@ -13,6 +13,7 @@
 mod certificate_routes;
 mod error;
 mod registry_routes;
+mod routing_routes;
 mod service_routes;
 pub mod wire;
 
@@ -55,6 +56,8 @@ pub struct AppState {
     pub devices: Option<Arc<crate::devices::Devices>>,
     /// The route table in force.
     pub routing: Arc<crate::routing::RoutingState>,
+    /// Changes routes and endpoints at run time. `None` when no data plane runs.
+    pub routing_manager: Option<Arc<crate::routing::RoutingManager>>,
 }
 
 impl AppState {

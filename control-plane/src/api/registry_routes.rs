@@ -20,6 +20,7 @@ pub fn permission_for(method: &Method, segments: &[String]) -> Result<Permission
         Some("devices") => segments.len() <= 4,
         Some("statistics") => segments.len() == 2 && segments[1] == "devices",
         Some("certificates") => segments.len() <= 2,
+        Some("routing") => segments.len() <= 3,
         _ => false,
     };
     if !known {
@@ -47,6 +48,7 @@ pub async fn dispatch(state: &AppState, req: ApiRequest) -> Result<ApiResponse, 
             delete_module(state, id, mid, &req).await
         }
         (&Method::GET, ["statistics", "devices"]) => statistics(state).await,
+        (_, ["routing", ..]) => super::routing_routes::dispatch(state, &req).await,
         (_, ["certificates"]) => super::certificate_routes::dispatch(state, &req, None).await,
         (_, ["certificates", name]) => {
             super::certificate_routes::dispatch(state, &req, Some(name)).await

@@ -1010,11 +1010,12 @@ async fn serve(
                 // With routes, each message goes to the endpoints it matched; the custom ones
                 // are appended (and flushed under `always`) here, before any PUBACK.
                 let mut custom = Vec::new();
-                let events = match &shard.routing {
+                let events = match shard.routing.table() {
                     None => None,
-                    Some(routing) => {
-                        let events = routing.route(&messages, &mut custom);
-                        if let Err(e) = routing.append(partition.0, &custom, now_ms) {
+                    Some(table) => {
+                        let routing = &shard.routing;
+                        let events = routing.route(&table, &messages, None, &mut custom);
+                        if let Err(e) = routing.append(&table, partition.0, &custom, now_ms) {
                             stats.append_errors.fetch_add(1, Relaxed);
                             return Ended::Store(e.to_string());
                         }

@@ -28,6 +28,7 @@ use std::time::Duration;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
+pub use routing::RoutingUpdate;
 pub use stats::Stats;
 
 use crate::auth::device::{Credential, IdentityLookup};
@@ -102,6 +103,11 @@ pub enum EngineError {
 #[derive(Debug)]
 enum ShardMsg {
     HandOff(Box<connection::HandOff>),
+    /// The routes or endpoints changed; `done` is told once the change is in force here.
+    Routing {
+        update: Box<routing::ShardUpdate>,
+        done: async_channel::Sender<()>,
+    },
     /// The registry changed this identity: re-check its live connection.
     IdentityChanged {
         device_id: String,
@@ -127,16 +133,9 @@ pub struct EngineServices {
     pub events: async_channel::Sender<DeviceEvent>,
     /// Persistent sessions (client id, subscription filters) restored at start.
     pub sessions: Vec<(String, Vec<String>)>,
-    /// Message routing; `None`: every device message goes to `events`.
-    pub routing: Option<Routing>,
-}
-
-/// The route table and the logs of its custom endpoints.
-#[derive(Debug)]
-pub struct Routing {
-    pub table: crate::route::RouteTable,
-    /// Each custom endpoint of the table (by name) with its partitions, as many as `events` has.
-    pub endpoints: Vec<(String, Vec<PartitionLog>)>,
+    /// Message routing at start: the route table (`None`: every device message goes to
+    /// `events`) and the logs of the custom endpoints (in `added`).
+    pub routing: RoutingUpdate,
 }
 
 /// Why a message could not be handed to a shard.
@@ -176,7 +175,9 @@ impl Engine {
         for partition in partitions {
             owned[partition.id().0 as usize % shards].push(partition);
         }
-        let mut routing = routing::ShardRouting::split(services.routing, shards)
+        let mut routing = services
+            .routing
+            .split(shards)
             .into_iter()
             .map(Some)
             .collect::<Vec<_>>();
@@ -250,6 +251,11 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// Partitions of `events` (and of every custom endpoint log).
+    pub fn partition_count(&self) -> u32 {
+        self.partition_count
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -336,6 +342,28 @@ impl Engine {
         }
     }
 
+    /// Puts a routing change in force on every shard, and returns once each has applied it
+    /// (between two of its batches: no message is routed by half a change, none is lost).
+    /// Waits for room in full inboxes rather than failing: a route change must not be dropped.
+    pub async fn update_routing(&self, update: RoutingUpdate) -> Result<(), DeliverError> {
+        let shards = self.inboxes.len();
+        let (done, applied) = async_channel::bounded(shards.max(1));
+        for (inbox, update) in self.inboxes.iter().zip(update.split(shards)) {
+            let msg = ShardMsg::Routing {
+                update: Box::new(update),
+                done: done.clone(),
+            };
+            inbox
+                .send(msg)
+                .await
+                .map_err(|_| DeliverError::NotRunning)?;
+        }
+        for _ in 0..shards {
+            applied.recv().await.map_err(|_| DeliverError::NotRunning)?;
+        }
+        Ok(())
+    }
+
     /// Tells every shard that the registered CA certificates changed.
     pub fn certificate_authorities_changed(&self) {
         for inbox in &self.inboxes {
@@ -402,7 +430,7 @@ struct Shard {
     shutting_down: Cell<bool>,
     message_ids: RefCell<connection::MessageIdSource>,
     /// `None` without routes: every device message goes to `events`.
-    routing: Option<routing::ShardRouting>,
+    routing: routing::ShardRouting,
 }
 
 impl Shard {
@@ -419,7 +447,7 @@ async fn run_shard(
     shared: ShardShared,
     partitions: Vec<PartitionLog>,
     sessions: HashMap<String, connection::Session>,
-    routing: Option<routing::ShardRouting>,
+    routing: Option<routing::ShardUpdate>,
     inbox: async_channel::Receiver<ShardMsg>,
     ready: std::sync::mpsc::Sender<Result<(), EngineError>>,
 ) {
@@ -448,7 +476,7 @@ async fn run_shard(
         ],
         shutting_down: Cell::new(false),
         message_ids: RefCell::new(connection::MessageIdSource::new(seed)),
-        routing,
+        routing: routing::ShardRouting::new(routing),
     });
 
     let mut listeners = Vec::new();
@@ -485,9 +513,7 @@ async fn run_shard(
                         tracing::warn!("failed to enforce retention: {e}");
                     }
                 }
-                if let Some(routing) = &shard.routing {
-                    routing.enforce_retention(now_ms);
-                }
+                shard.routing.enforce_retention(now_ms);
             }
         })
         .detach()
@@ -511,6 +537,10 @@ async fn run_shard(
                 connection,
                 message,
             } => connection::deliver(&shard, &identity, connection, message),
+            ShardMsg::Routing { update, done } => {
+                shard.routing.apply(*update);
+                let _ = done.try_send(());
+            }
             ShardMsg::Shutdown => break,
         }
     }
@@ -538,9 +568,7 @@ async fn run_shard(
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
-    if let Some(routing) = &shard.routing {
-        routing.flush_all();
-    }
+    shard.routing.flush_all();
     for partition in shard.partitions.borrow_mut().values_mut() {
         if let Err(e) = partition.flush() {
             tracing::error!(

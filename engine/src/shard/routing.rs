@@ -1,87 +1,147 @@
 //! Routing on the ingest path: each device message is evaluated against the route table once,
 //! on the shard that appends it, and appended to every endpoint log it matched (the built-in
-//! `events` and custom `log` endpoints), before its PUBACK.
+//! `events` and the custom endpoints' logs), before its PUBACK.
 //!
 //! A shard owns partition `p` of every endpoint log exactly when it owns partition `p` of
 //! `events`, so a device's messages stay in order in each endpoint, appended by one core.
+//!
+//! Routes change at run time by [`RoutingUpdate`]s, applied between two batches: a batch is
+//! routed and appended under one table, with no await in between, so no message sees half a
+//! change and none is lost. An update adds the logs of new endpoints before the new table can
+//! send anything to them, and closes the logs of removed endpoints only after the table that used
+//! them is gone.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::route::{EndpointSet, Evaluator, RouteMessage, RouteSource, RouteTable};
 use crate::store::{MessageRef, PartitionLog, StoreError};
 
-use super::Routing;
+/// A change of the hub's routing, as the control plane sends it to the engine.
+#[derive(Debug, Default)]
+pub struct RoutingUpdate {
+    /// The table from now on; `None`: no routes (every device message goes to `events`).
+    pub table: Option<crate::route::RouteTable>,
+    /// Logs of endpoints that appear with this update, each with every partition (as many as
+    /// `events` has).
+    pub added: Vec<(String, Vec<PartitionLog>)>,
+    /// Endpoints whose logs close with this update (no route of `table` may name them).
+    pub removed: Vec<String>,
+}
 
-/// One shard's share of the routing: the table, the evaluator's reusable buffers, and its
-/// partitions of the custom endpoint logs.
+/// One shard's share of an update.
+#[derive(Debug)]
+pub(super) struct ShardUpdate {
+    pub table: Option<RouteTable>,
+    pub added: Vec<(String, HashMap<u32, PartitionLog>)>,
+    pub removed: Vec<String>,
+}
+
+impl RoutingUpdate {
+    /// Splits the update between `shards` shards: each gets a copy of the table (nothing is
+    /// shared across cores) and the partitions it owns (`p % shards`).
+    pub(super) fn split(self, shards: usize) -> Vec<ShardUpdate> {
+        let mut per_shard: Vec<ShardUpdate> = (0..shards)
+            .map(|_| ShardUpdate {
+                table: self.table.clone(),
+                added: Vec::new(),
+                removed: self.removed.clone(),
+            })
+            .collect();
+        for (name, partitions) in self.added {
+            let mut owned: Vec<HashMap<u32, PartitionLog>> =
+                (0..shards).map(|_| HashMap::new()).collect();
+            for partition in partitions {
+                let p = partition.id().0;
+                owned[p as usize % shards].insert(p, partition);
+            }
+            for (update, logs) in per_shard.iter_mut().zip(owned) {
+                update.added.push((name.clone(), logs));
+            }
+        }
+        per_shard
+    }
+}
+
+/// One shard's routing: the table in force, the evaluator's reusable buffers, and the shard's
+/// partitions of every custom endpoint log (by endpoint name).
 pub struct ShardRouting {
-    table: RouteTable,
+    table: RefCell<Option<Rc<RouteTable>>>,
     evaluator: RefCell<Evaluator>,
-    /// By partition: the log of each table endpoint (index 0, `events`, is the shard's own
-    /// partition log and is `None` here).
-    logs: RefCell<HashMap<u32, Vec<Option<PartitionLog>>>>,
+    logs: RefCell<HashMap<String, HashMap<u32, PartitionLog>>>,
 }
 
 impl std::fmt::Debug for ShardRouting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardRouting")
-            .field("endpoints", &self.table.endpoint_names())
+            .field("endpoints", &self.logs.borrow().keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
-/// The messages of one batch bound for the custom endpoints, by endpoint index.
+/// The messages of one batch bound for the custom endpoints, by endpoint index of the table.
 pub type CustomBatches<'a> = Vec<(usize, Vec<MessageRef<'a>>)>;
 
 impl ShardRouting {
-    /// Gives every shard its share: the table (each shard compiles its own copy of the same
-    /// routes, so nothing is shared across cores) and its partitions of each endpoint log.
-    pub fn split(routing: Option<Routing>, shards: usize) -> Vec<ShardRouting> {
-        let Some(routing) = routing else {
-            return Vec::new();
+    pub(super) fn new(update: Option<ShardUpdate>) -> ShardRouting {
+        let routing = ShardRouting {
+            table: RefCell::new(None),
+            evaluator: RefCell::new(Evaluator::new()),
+            logs: RefCell::new(HashMap::new()),
         };
-        let names = routing.table.endpoint_names().to_vec();
-        let mut per_shard: Vec<HashMap<u32, Vec<Option<PartitionLog>>>> =
-            (0..shards).map(|_| HashMap::new()).collect();
-        for (name, partitions) in routing.endpoints {
-            let Some(index) = names.iter().position(|n| *n == name) else {
-                continue; // an endpoint no route uses
-            };
-            for partition in partitions {
-                let p = partition.id().0;
-                let slots = per_shard[p as usize % shards]
-                    .entry(p)
-                    .or_insert_with(|| (0..names.len()).map(|_| None).collect());
-                slots[index] = Some(partition);
-            }
+        if let Some(update) = update {
+            routing.apply(update);
         }
-        per_shard
-            .into_iter()
-            .map(|logs| ShardRouting {
-                table: routing.table.clone(),
-                evaluator: RefCell::new(Evaluator::new()),
-                logs: RefCell::new(logs),
-            })
-            .collect()
+        routing
     }
 
-    /// Routes a batch: returns the messages for `events` and fills `custom` with the others.
+    /// The table in force; `None` without routes. Hold it for one batch: a change applied
+    /// meanwhile takes effect at the next batch.
+    pub fn table(&self) -> Option<Rc<RouteTable>> {
+        self.table.borrow().clone()
+    }
+
+    /// Applies a change: new logs first, then the table, then the removed logs are flushed and
+    /// closed.
+    pub(super) fn apply(&self, update: ShardUpdate) {
+        {
+            let mut logs = self.logs.borrow_mut();
+            for (name, partitions) in update.added {
+                logs.insert(name, partitions);
+            }
+        }
+        *self.table.borrow_mut() = update.table.map(Rc::new);
+        let mut logs = self.logs.borrow_mut();
+        for name in update.removed {
+            if let Some(partitions) = logs.remove(&name) {
+                for mut log in partitions.into_values() {
+                    if let Err(e) = log.flush() {
+                        tracing::error!("failed to flush the log of removed endpoint {name}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes a batch of one device's messages under `table`: returns the messages for
+    /// `events` and fills `custom` with the others. `twin` is the sender's twin, if known.
     pub fn route<'a>(
         &self,
+        table: &RouteTable,
         messages: &[MessageRef<'a>],
+        twin: Option<&serde_json::Value>,
         custom: &mut CustomBatches<'a>,
     ) -> Vec<MessageRef<'a>> {
         let mut evaluator = self.evaluator.borrow_mut();
         let mut events = Vec::with_capacity(messages.len());
         let mut matched = EndpointSet::new();
         for message in messages {
-            matched.clear();
             let view = RouteMessage {
                 message: *message,
-                twin: None,
+                twin,
             };
-            self.table.matches(
+            table.matches(
                 RouteSource::DeviceMessages,
                 &view,
                 &mut evaluator,
@@ -102,27 +162,46 @@ impl ShardRouting {
     }
 
     /// Appends each custom batch to its endpoint's partition `partition` (flushed as the log's
-    /// fsync policy promises).
+    /// fsync policy promises). An endpoint of the table without a log here is an error: the
+    /// control plane adds a log before any table that names it.
     pub fn append(
         &self,
+        table: &RouteTable,
         partition: u32,
         custom: &CustomBatches<'_>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let mut logs = self.logs.borrow_mut();
-        let Some(slots) = logs.get_mut(&partition) else {
+        if custom.is_empty() {
             return Ok(());
-        };
+        }
+        let mut logs = self.logs.borrow_mut();
         for (endpoint, batch) in custom {
-            if let Some(Some(log)) = slots.get_mut(*endpoint) {
-                log.append_batch(batch, now_ms)?;
-            }
+            let name = table
+                .endpoint_names()
+                .get(*endpoint)
+                .map(String::as_str)
+                .unwrap_or_default();
+            let Some(log) = logs.get_mut(name).and_then(|l| l.get_mut(&partition)) else {
+                return Err(StoreError::Io {
+                    context: "append to endpoint",
+                    path: std::path::PathBuf::from(name),
+                    source: std::io::Error::other(format!(
+                        "no log for partition {partition} on this shard"
+                    )),
+                });
+            };
+            log.append_batch(batch, now_ms)?;
         }
         Ok(())
     }
 
     pub fn flush_all(&self) {
-        for log in self.logs.borrow_mut().values_mut().flatten().flatten() {
+        for log in self
+            .logs
+            .borrow_mut()
+            .values_mut()
+            .flat_map(|l| l.values_mut())
+        {
             if let Err(e) = log.flush() {
                 tracing::error!("failed to flush an endpoint log at shutdown: {e}");
             }
@@ -130,7 +209,12 @@ impl ShardRouting {
     }
 
     pub fn enforce_retention(&self, now_ms: u64) {
-        for log in self.logs.borrow_mut().values_mut().flatten().flatten() {
+        for log in self
+            .logs
+            .borrow_mut()
+            .values_mut()
+            .flat_map(|l| l.values_mut())
+        {
             if let Err(e) = log.enforce_retention(now_ms) {
                 tracing::warn!("failed to enforce retention on an endpoint log: {e}");
             }
