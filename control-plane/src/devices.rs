@@ -170,6 +170,7 @@ impl Devices {
         let mut completed: Vec<(String, u64)> = Vec::new();
         let mut sessions: Vec<(String, Option<Vec<String>>)> = Vec::new();
         let mut deliver: Vec<IdentityKey> = Vec::new();
+        let mut twins: Vec<IdentityKey> = Vec::new();
         for event in batch {
             match event {
                 DeviceEvent::TwinReportedPatch {
@@ -203,6 +204,7 @@ impl Devices {
                     subscriptions,
                 } => {
                     let mut presence = self.presence();
+                    let newly_connected = !presence.contains_key(&identity);
                     let entry = presence
                         .entry(identity.clone())
                         .or_insert_with(|| Presence {
@@ -213,9 +215,10 @@ impl Devices {
                         });
                     let newly_c2d = subscriptions.cloud_to_device
                         && (entry.connection != connection || !entry.subscriptions.cloud_to_device);
-                    if entry.connection != connection {
+                    if entry.connection != connection || newly_connected {
                         entry.last_delivery = None;
                         entry.since = now_rfc3339().into();
+                        twins.push(identity.clone());
                     }
                     entry.connection = connection;
                     entry.subscriptions = subscriptions;
@@ -249,8 +252,41 @@ impl Devices {
                 tracing::error!("failed to save MQTT sessions: {e}");
             }
         }
+        for identity in twins {
+            self.push_twin(&identity);
+        }
         for identity in deliver {
             self.deliver_queue(&identity);
+        }
+    }
+
+    /// Sends the identity's twin to its live connection when routes read `$twin` (the
+    /// connection routes with it; a new connection waits for it before its first messages).
+    pub fn push_twin(&self, identity: &IdentityKey) {
+        if !self.routing.reads_twin() {
+            return;
+        }
+        let Some(connection) = self.presence().get(identity).map(|p| p.connection) else {
+            return;
+        };
+        match self
+            .registry
+            .twin(&identity.device_id, identity.module_id.as_deref())
+        {
+            Ok(twin) => {
+                let view = std::sync::Arc::new(twin.routing_view());
+                self.send(identity.clone(), Some(connection), Outbound::Twin(view));
+            }
+            Err(e) => tracing::debug!("no twin to send for routing: {e}"),
+        }
+    }
+
+    /// Sends every live connection its twin: after a route change that made routes read
+    /// `$twin`.
+    pub fn push_twins_to_all(&self) {
+        let online: Vec<IdentityKey> = self.presence().keys().cloned().collect();
+        for identity in online {
+            self.push_twin(&identity);
         }
     }
 
@@ -296,6 +332,7 @@ impl Devices {
                         version: Some(version),
                         body: Vec::new(),
                     };
+                    self.push_twin(&identity);
                     self.send(identity, Some(connection), response);
                 }
                 Some(Err(RegistryError::Twin(e))) => {

@@ -39,6 +39,11 @@ impl RoutingState {
         }
     }
 
+    /// Whether a route condition reads `$twin`: live connections are then sent their twin.
+    pub fn reads_twin(&self) -> bool {
+        self.table().is_some_and(|t| t.reads_twin())
+    }
+
     /// Whether an enabled route reads `source`: events of other sources than device messages
     /// are built and sent to the shards only then.
     pub fn wants(&self, source: RouteSource) -> bool {
@@ -156,6 +161,7 @@ pub struct RoutingManager {
     runtime: tokio::sync::Mutex<RuntimeRouting>,
     state: Arc<RoutingState>,
     engine: Arc<ingot_engine::shard::Engine>,
+    devices: Arc<crate::devices::Devices>,
 }
 
 impl RoutingManager {
@@ -165,6 +171,7 @@ impl RoutingManager {
         runtime: RuntimeRouting,
         state: Arc<RoutingState>,
         engine: Arc<ingot_engine::shard::Engine>,
+        devices: Arc<crate::devices::Devices>,
     ) -> RoutingManager {
         RoutingManager {
             config,
@@ -172,6 +179,7 @@ impl RoutingManager {
             runtime: tokio::sync::Mutex::new(runtime),
             state,
             engine,
+            devices,
         }
     }
 
@@ -348,7 +356,14 @@ impl RoutingManager {
             .update_routing(update)
             .await
             .map_err(|e| ChangeError::Unavailable(e.to_string()))?;
+        let reads_twin = table.as_ref().is_some_and(RouteTable::reads_twin);
+        let read_twin = self.state.reads_twin();
         self.state.replace(table);
+        if reads_twin && !read_twin {
+            // Connections made before have no twin yet.
+            let devices = self.devices.clone();
+            let _ = tokio::task::spawn_blocking(move || devices.push_twins_to_all()).await;
+        }
         Ok(())
     }
 }

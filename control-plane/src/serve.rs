@@ -92,19 +92,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let routing = Arc::new(crate::routing::RoutingState::new(
         effective.routing.table()?,
     ));
-    let routing_manager = Arc::new(crate::routing::RoutingManager::new(
-        config.clone(),
-        engine.partition_count() as usize,
-        runtime_routing,
-        routing.clone(),
-        engine.clone(),
-    ));
     let devices = crate::devices::Devices::new(
         registry.clone(),
         engine.clone(),
         config.c2d_settings(),
         routing.clone(),
     );
+    let routing_manager = Arc::new(crate::routing::RoutingManager::new(
+        config.clone(),
+        engine.partition_count() as usize,
+        runtime_routing,
+        routing.clone(),
+        engine.clone(),
+        devices.clone(),
+    ));
     // Kept to close the queue at shutdown: tasks a shard leaves behind when it stops (a
     // connection still in its handshake) may keep a sender alive, so the end of the senders
     // cannot be what stops the thread.

@@ -111,6 +111,10 @@ pub enum Outbound {
         payload: Vec<u8>,
         reply: async_channel::Sender<MethodOutcome>,
     },
+    /// The identity's twin as routes read it (`tags`, `properties.desired`,
+    /// `properties.reported`): sent when the route table reads `$twin`, at connect and after
+    /// each change. Not sent to the device.
+    Twin(std::sync::Arc<serde_json::Value>),
     /// A C2D message, QoS 1, on `topic` (`devices/{d}/messages/devicebound/{bag}`); its PUBACK
     /// comes back as [`DeviceEvent::C2dCompleted`] with `lock_token`.
     C2d {

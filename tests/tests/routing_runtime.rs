@@ -321,3 +321,93 @@ endpointNames = ["events"]
     }
     assert!(routed > 0, "no message was routed to a toggled endpoint");
 }
+
+fn patch_twin(hub: &Hub, device: &str, patch: serde_json::Value) {
+    let reply = hub
+        .client("iothubowner")
+        .request(
+            hyper::Method::PATCH,
+            &format!("/twins/{device}"),
+            &[("if-match", "\"*\"")],
+            Some(&patch),
+        )
+        .unwrap();
+    reply.success().unwrap();
+}
+
+/// `$twin` conditions see the sender's twin at ingest: for connections made before a route read
+/// `$twin` (sent to all when the route is added), for connections made after (the first messages
+/// wait for the twin), and after a tag or desired-property change.
+#[test]
+fn twin_conditions_route_by_the_senders_twin() {
+    let mut hub = Hub::start_with_config("");
+    let eu_key = hub.create_sas_device("dev-eu");
+    let us_key = hub.create_sas_device("dev-us");
+    patch_twin(
+        &hub,
+        "dev-eu",
+        serde_json::json!({"tags": {"region": "eu"}}),
+    );
+    let (mut eu, _) = hub.connect_device("dev-eu", &eu_key, true);
+    let (mut us, _) = hub.connect_device("dev-us", &us_key, true);
+    publish(&mut eu, "dev-eu", "", "eu-before-route", 1);
+
+    ok(hub.cli(&["endpoint", "add", "eu", "--type", "log"]));
+    ok(hub.cli(&[
+        "route",
+        "add",
+        "by-region",
+        "--condition",
+        "$twin.tags.region = 'eu'",
+        "--endpoint",
+        "eu",
+    ]));
+    publish(&mut eu, "dev-eu", "", "eu-1", 2);
+    publish(&mut us, "dev-us", "", "us-1", 2);
+
+    // A tag change reaches the live connection.
+    patch_twin(
+        &hub,
+        "dev-us",
+        serde_json::json!({"tags": {"region": "eu"}}),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    publish(&mut us, "dev-us", "", "us-2", 3);
+
+    // A new connection has its twin before its first message is routed.
+    drop(eu);
+    let (mut eu, _) = hub.connect_device("dev-eu", &eu_key, true);
+    publish(&mut eu, "dev-eu", "", "eu-2", 1);
+
+    // Desired properties, in a route added while the table already reads `$twin`.
+    ok(hub.cli(&["endpoint", "add", "fast", "--type", "log"]));
+    ok(hub.cli(&[
+        "route",
+        "add",
+        "fast-mode",
+        "--condition",
+        "$twin.properties.desired.mode = 'fast' AND $twin.tags.region = 'eu'",
+        "--endpoint",
+        "fast",
+    ]));
+    patch_twin(
+        &hub,
+        "dev-eu",
+        serde_json::json!({"properties": {"desired": {"mode": "fast"}}}),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    publish(&mut eu, "dev-eu", "", "eu-3", 2);
+    publish(&mut us, "dev-us", "", "us-3", 4);
+
+    drop((eu, us));
+    assert_eq!(hub.terminate().code(), Some(0));
+    let set =
+        |items: &[&str]| -> BTreeSet<String> { items.iter().map(|s| s.to_string()).collect() };
+    let endpoints = hub.data_dir.join("endpoints");
+    assert_eq!(
+        bodies(&endpoints.join("eu")),
+        set(&["eu-1", "us-2", "eu-2", "eu-3", "us-3"])
+    );
+    assert_eq!(bodies(&endpoints.join("fast")), set(&["eu-3"]));
+    assert_eq!(bodies(&hub.data_dir), set(&["eu-before-route", "us-1"]));
+}

@@ -219,8 +219,13 @@ async fn update_twin(
         Ok((twin, desired, records, c2d_count(r, &d, mid.as_deref())?))
     })
     .await?;
-    if let (Some(desired), Some(devices)) = (desired, &state.devices) {
-        devices.push_desired(device_id, module_id, desired);
+    if let Some(devices) = &state.devices {
+        if let Some(desired) = desired {
+            devices.push_desired(device_id, module_id, desired);
+        }
+        devices.push_twin(&ingot_engine::services::IdentityKey::new(
+            device_id, module_id,
+        ));
     }
     let body = twin_json(state, &device, module.as_ref(), &twin, c2d).to_string();
     Ok(with_etag(json_response(StatusCode::OK, body), &twin.etag()))

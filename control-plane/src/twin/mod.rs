@@ -354,6 +354,18 @@ impl TwinDoc {
         Value::Object(view)
     }
 
+    /// The twin as route conditions read it (`$twin.tags.*`, `$twin.properties.desired.*`,
+    /// `$twin.properties.reported.*`): tags and both property sections with `$version`.
+    pub fn routing_view(&self) -> Value {
+        let mut properties = Map::new();
+        properties.insert("desired".into(), self.desired.with_version());
+        properties.insert("reported".into(), self.reported.with_version());
+        let mut view = Map::new();
+        view.insert("tags".into(), Value::Object(self.tags.clone()));
+        view.insert("properties".into(), Value::Object(properties));
+        Value::Object(view)
+    }
+
     /// The REST twin (azure-protocol.md 6.3): the identity fields, `etag`, `version`, `tags`
     /// (only when there are any, as the hub renders a new twin) and both property sections with
     /// `$metadata` and `$version`.

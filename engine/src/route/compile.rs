@@ -73,6 +73,7 @@ pub struct Condition {
     pub(crate) paths: Box<[Box<[PathSegment]>]>,
     pub(crate) max_stack: usize,
     pub(crate) reads_body: bool,
+    pub(crate) reads_twin: bool,
     text: Box<str>,
 }
 
@@ -97,6 +98,7 @@ impl Condition {
             paths: compiler.paths.into_boxed_slice(),
             max_stack: compiler.max_depth,
             reads_body: compiler.reads_body,
+            reads_twin: compiler.reads_twin,
             text: text.into(),
         }
     }
@@ -109,6 +111,11 @@ impl Condition {
     /// Whether the condition references `$body` (and may need the body parsed).
     pub fn reads_body(&self) -> bool {
         self.reads_body
+    }
+
+    /// Whether the condition references `$twin` (and needs the sender's twin).
+    pub fn reads_twin(&self) -> bool {
+        self.reads_twin
     }
 
     /// Instructions in the program (for tests and diagnostics).
@@ -130,6 +137,7 @@ struct Compiler {
     depth: usize,
     max_depth: usize,
     reads_body: bool,
+    reads_twin: bool,
 }
 
 impl Compiler {
@@ -187,6 +195,7 @@ impl Compiler {
                 self.emit(Op::Body(i), 1);
             }
             Expr::Twin(section, path) => {
+                self.reads_twin = true;
                 let i = self.path(path);
                 self.emit(Op::Twin(*section, i), 1);
             }

@@ -245,6 +245,14 @@ impl RouteTable {
         &self.endpoints
     }
 
+    /// Whether an enabled route's condition reads `$twin`: connections then need their
+    /// device's twin to route.
+    pub fn reads_twin(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.condition.as_ref().is_some_and(Condition::reads_twin))
+    }
+
     /// Whether any enabled route reads this source (non-telemetry events need not be produced
     /// at all when none does).
     pub fn has_source(&self, source: RouteSource) -> bool {

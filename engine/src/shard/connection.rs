@@ -48,6 +48,9 @@ const METHODS_IN_FLIGHT_MAX: usize = 1024;
 const REPORTED_PATCH_BYTES_MAX: usize = 128 * 1024;
 /// C2D messages sent and not yet acknowledged on one connection (a queue holds at most 50).
 const C2D_IN_FLIGHT_MAX: usize = 64;
+/// When routes read `$twin`, how long a new connection waits for its twin from the control
+/// plane before it routes its first messages (without it, `$twin` is undefined).
+const TWIN_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the shard closes a live connection from outside its loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -632,6 +635,8 @@ fn send_outbound(
             in_flight.methods.insert(rid, reply);
             (payload, PublishQos::AtMostOnce)
         }
+        // Kept by the connection's loop; never written to the device.
+        Outbound::Twin(_) => return,
         Outbound::C2d {
             lock_token,
             topic: c2d_topic,
@@ -798,6 +803,28 @@ async fn serve(
     // Grows to the batch size on first use; an idle connection holds nothing here.
     let mut acks: Vec<PacketId> = Vec::new();
     let mut last_packet = Instant::now();
+    // The device's twin, for routes that read `$twin`: the control plane sends it at connect and
+    // after each change. The first messages wait for it (not reading is the backpressure).
+    let mut twin: Option<std::sync::Arc<serde_json::Value>> = None;
+    if shard.routing.table().is_some_and(|t| t.reads_twin()) {
+        let waited = glommio::timer::timeout(TWIN_WAIT, async {
+            loop {
+                match channels.outbound.recv().await {
+                    Ok(Outbound::Twin(received)) => return Ok(Some(received)),
+                    Ok(message) => {
+                        let set = subscriptions(&session.borrow().filters, identity);
+                        send_outbound(message, set, &mut in_flight, stats, &mut out);
+                    }
+                    Err(_) => return Ok(None),
+                }
+            }
+        })
+        .await;
+        twin = waited.ok().flatten();
+        if twin.is_none() {
+            stats.twin_waits_timed_out.fetch_add(1, Relaxed);
+        }
+    }
 
     loop {
         // Decode every complete packet, append the telemetry among them, acknowledge.
@@ -1014,7 +1041,7 @@ async fn serve(
                     None => None,
                     Some(table) => {
                         let routing = &shard.routing;
-                        let events = routing.route(&table, &messages, None, &mut custom);
+                        let events = routing.route(&table, &messages, twin.as_deref(), &mut custom);
                         if let Err(e) = routing.append(&table, partition.0, &custom, now_ms) {
                             stats.append_errors.fetch_add(1, Relaxed);
                             return Ended::Store(e.to_string());
@@ -1135,9 +1162,13 @@ async fn serve(
                 // Take what else is queued too (bounded by the queue's depth), then write it all
                 // in one go at the top of the loop.
                 let set = subscriptions(&session.borrow().filters, identity);
-                send_outbound(message, set, &mut in_flight, stats, &mut out);
-                while let Ok(message) = channels.outbound.try_recv() {
-                    send_outbound(message, set, &mut in_flight, stats, &mut out);
+                for message in std::iter::once(message)
+                    .chain(std::iter::from_fn(|| channels.outbound.try_recv().ok()))
+                {
+                    match message {
+                        Outbound::Twin(received) => twin = Some(received),
+                        message => send_outbound(message, set, &mut in_flight, stats, &mut out),
+                    }
                 }
             }
             Wake::Deadline if token_expired => return Ended::TokenExpired,

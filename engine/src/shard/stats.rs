@@ -35,6 +35,9 @@ pub struct Stats {
     pub twin_requests_throttled: AtomicU64,
     /// Messages for a connection dropped because its outbound queue was full or it had gone.
     pub outbound_dropped: AtomicU64,
+    /// Connections that routed their first messages without their twin (it did not arrive in
+    /// time): `$twin` was undefined for those.
+    pub twin_waits_timed_out: AtomicU64,
     /// Method answers with an unknown or late `$rid`, dropped.
     pub method_responses_unmatched: AtomicU64,
     pub c2d_delivered: AtomicU64,
