@@ -65,6 +65,9 @@ pub enum Command {
     /// Custom endpoints that routes send messages to: add, list, remove.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
+    /// Message enrichments: application properties added to messages bound for endpoints.
+    #[command(subcommand)]
+    Enrichment(EnrichmentCommand),
     /// Print a SAS token for a device, a module or a shared access policy.
     SasToken(SasTokenArgs),
     /// Print the events of the built-in endpoint, one JSON object per line (reads the segment
@@ -307,6 +310,34 @@ pub enum EndpointCommand {
     /// Remove an endpoint added through the API, with its log (refused while a route names it).
     Remove {
         name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnrichmentCommand {
+    /// Add an enrichment, or replace one added before.
+    Add {
+        /// The application property's name.
+        key: String,
+        /// A static string, `$iothubname`, or a `$twin.tags.*` / `$twin.properties.*` path.
+        #[arg(long)]
+        value: String,
+        /// An endpoint whose messages get the property (repeatable; `events` for the built-in).
+        #[arg(long = "endpoint", value_name = "NAME", required = true, num_args = 1..)]
+        endpoints: Vec<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List the enrichments (those of the configuration file too).
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove an enrichment added through the API.
+    Remove {
+        key: String,
         #[command(flatten)]
         connection: Connection,
     },
@@ -571,6 +602,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Method(args) => method(args),
         Command::Route(command) => route(command),
         Command::Endpoint(command) => endpoint(command),
+        Command::Enrichment(command) => enrichment(command),
         Command::MonitorEvents(args) => crate::monitor::monitor_events(&args),
         Command::Log(LogCommand::Verify(args)) => crate::monitor::log_verify(&args),
     }
@@ -886,6 +918,39 @@ fn route(command: RouteCommand) -> anyhow::Result<()> {
             message,
             twin,
         } => route_test(&condition, &message, twin.as_deref()),
+    }
+}
+
+fn enrichment(command: EnrichmentCommand) -> anyhow::Result<()> {
+    let path = |key: &str| format!("/routing/enrichments/{}", segment(key));
+    match command {
+        EnrichmentCommand::Add {
+            key,
+            value,
+            endpoints,
+            connection,
+        } => {
+            let body = json!({ "value": value, "endpointNames": endpoints });
+            print(
+                &connection
+                    .client()?
+                    .request(Method::PUT, &path(&key), &[], Some(&body))?
+                    .success()?,
+            )
+        }
+        EnrichmentCommand::List { connection } => print(
+            &connection
+                .client()?
+                .request(Method::GET, "/routing/enrichments", &[], None)?
+                .success()?["value"],
+        ),
+        EnrichmentCommand::Remove { key, connection } => {
+            connection
+                .client()?
+                .request(Method::DELETE, &path(&key), &[], None)?
+                .success()?;
+            Ok(())
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub struct RoutingConfig {
     pub fallback: bool,
     pub endpoints: Vec<EndpointConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Application properties added to the messages delivered to chosen endpoints.
+    pub enrichments: Vec<EnrichmentConfig>,
 }
 
 impl Default for RoutingConfig {
@@ -54,8 +56,22 @@ impl Default for RoutingConfig {
             fallback: true,
             endpoints: Vec::new(),
             routes: Vec::new(),
+            enrichments: Vec::new(),
         }
     }
+}
+
+/// A message enrichment, with Azure's field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnrichmentConfig {
+    /// The application property's name.
+    pub key: String,
+    /// A static string, `$iothubname`, or `$twin.tags.*`, `$twin.properties.desired.*`,
+    /// `$twin.properties.reported.*`.
+    pub value: String,
+    /// The endpoints (custom names or `events`) whose messages get the property.
+    pub endpoint_names: Vec<String>,
 }
 
 /// A custom endpoint. Every kind is a segment log beside `events` in `data_dir/endpoints/NAME`
@@ -157,9 +173,13 @@ fn enabled() -> bool {
 }
 
 impl RoutingConfig {
-    /// The compiled route table, or `None` when there are no routes (every device message goes
-    /// to `events`, the fast path).
-    pub fn table(&self) -> Result<Option<ingot_engine::route::RouteTable>, ConfigError> {
+    /// The compiled route table, or `None` when there are no routes and no enrichments (every
+    /// device message goes to `events`, the fast path). `hub_name` is what the enrichment value
+    /// `$iothubname` stands for.
+    pub fn table(
+        &self,
+        hub_name: &str,
+    ) -> Result<Option<ingot_engine::route::RouteTable>, ConfigError> {
         use ingot_engine::route::{FallbackRoute, RouteSource, RouteSpec, RouteTable};
         let invalid = |reason: String| ConfigError::Invalid {
             key: "routing",
@@ -186,7 +206,19 @@ impl RoutingConfig {
         if self.endpoints.len() > ENDPOINTS_MAX {
             return Err(invalid(format!("at most {ENDPOINTS_MAX} custom endpoints")));
         }
-        if self.routes.is_empty() {
+        for enrichment in &self.enrichments {
+            for endpoint in &enrichment.endpoint_names {
+                if endpoint != ingot_engine::route::EVENTS_ENDPOINT
+                    && !names.contains(endpoint.as_str())
+                {
+                    return Err(invalid(format!(
+                        "enrichment '{}' names the unknown endpoint '{endpoint}'",
+                        enrichment.key
+                    )));
+                }
+            }
+        }
+        if self.routes.is_empty() && self.enrichments.is_empty() {
             return Ok(None);
         }
         let mut specs = Vec::with_capacity(self.routes.len());
@@ -221,7 +253,18 @@ impl RoutingConfig {
         let fallback = FallbackRoute {
             enabled: self.fallback,
         };
+        let enrichments: Vec<_> = self
+            .enrichments
+            .iter()
+            .map(|e| ingot_engine::route::EnrichmentSpec {
+                key: e.key.clone(),
+                value: e.value.clone(),
+                endpoint_names: e.endpoint_names.clone(),
+            })
+            .collect();
         RouteTable::compile(&specs, fallback)
+            .map_err(|e| invalid(e.to_string()))?
+            .with_enrichments(&enrichments, hub_name)
             .map(Some)
             .map_err(|e| invalid(e.to_string()))
     }
@@ -491,7 +534,7 @@ impl Config {
         if !(1..=100).contains(&self.c2d.max_delivery_count) {
             return Err(invalid("c2d.max_delivery_count", "must be from 1 to 100"));
         }
-        self.routing.table()?;
+        self.routing.table(&self.hub_name())?;
         if self.http.connections_max == 0 {
             return Err(invalid("http.connections_max", "must be at least 1"));
         }
@@ -531,6 +574,15 @@ impl Config {
     }
 
     /// Shards to run: the setting, or one per core.
+    /// The hub's name: the first label of its host name (Azure's `{iothub}`, `$iothubname`).
+    pub fn hub_name(&self) -> String {
+        self.hostname
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     pub fn shard_count(&self) -> usize {
         match self.shards {
             0 => std::thread::available_parallelism()

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use ingot_engine::route::{RouteSource, RouteTable};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{EndpointConfig, RouteConfig, RoutingConfig};
+use crate::config::{EndpointConfig, EnrichmentConfig, RouteConfig, RoutingConfig};
 
 /// The current route table; replaced whole when routes change.
 #[derive(Debug, Default)]
@@ -82,6 +82,7 @@ pub fn endpoint_dir(data_dir: &std::path::Path, name: &str) -> std::path::PathBu
 pub struct RuntimeRouting {
     pub endpoints: Vec<EndpointConfig>,
     pub routes: Vec<RouteConfig>,
+    pub enrichments: Vec<EnrichmentConfig>,
 }
 
 const RUNTIME_FILE: &str = "routing.json";
@@ -115,6 +116,12 @@ impl RuntimeRouting {
                 .cloned()
                 .collect(),
             routes: file.routes.iter().chain(&self.routes).cloned().collect(),
+            enrichments: file
+                .enrichments
+                .iter()
+                .chain(&self.enrichments)
+                .cloned()
+                .collect(),
         }
     }
 }
@@ -133,7 +140,15 @@ pub enum ChangeError {
     Unavailable(String),
 }
 
-/// Where an endpoint or route is defined.
+/// Where each endpoint, route and enrichment in force is defined, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    pub endpoints: Vec<Origin>,
+    pub routes: Vec<Origin>,
+    pub enrichments: Vec<Origin>,
+}
+
+/// Where an endpoint, route or enrichment is defined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// The configuration file: read-only through the API.
@@ -183,8 +198,8 @@ impl RoutingManager {
         }
     }
 
-    /// The routing in force, each endpoint and route with where it is defined.
-    pub async fn current(&self) -> (RoutingConfig, Vec<Origin>, Vec<Origin>) {
+    /// The routing in force, each endpoint, route and enrichment with where it is defined.
+    pub async fn current(&self) -> (RoutingConfig, Origins) {
         let runtime = self.runtime.lock().await;
         let file = &self.config.routing;
         let merged = runtime.merged(file);
@@ -193,9 +208,66 @@ impl RoutingManager {
                 .chain(std::iter::repeat_n(Origin::Api, api))
                 .collect::<Vec<_>>()
         };
-        let endpoints = origins(file.endpoints.len(), runtime.endpoints.len());
-        let routes = origins(file.routes.len(), runtime.routes.len());
-        (merged, endpoints, routes)
+        let origins = Origins {
+            endpoints: origins(file.endpoints.len(), runtime.endpoints.len()),
+            routes: origins(file.routes.len(), runtime.routes.len()),
+            enrichments: origins(file.enrichments.len(), runtime.enrichments.len()),
+        };
+        (merged, origins)
+    }
+
+    /// Adds or replaces an enrichment added through the API (by key). Returns whether it was
+    /// created.
+    pub async fn put_enrichment(&self, enrichment: EnrichmentConfig) -> Result<bool, ChangeError> {
+        if self
+            .config
+            .routing
+            .enrichments
+            .iter()
+            .any(|e| e.key == enrichment.key)
+        {
+            return Err(ChangeError::Conflict(format!(
+                "enrichment '{}' is defined in the configuration file; change it there",
+                enrichment.key
+            )));
+        }
+        let mut runtime = self.runtime.lock().await;
+        let mut next = runtime.clone();
+        let created = match next
+            .enrichments
+            .iter_mut()
+            .find(|e| e.key == enrichment.key)
+        {
+            Some(existing) => {
+                *existing = enrichment;
+                false
+            }
+            None => {
+                next.enrichments.push(enrichment);
+                true
+            }
+        };
+        let table = self.validate(&next)?;
+        self.commit(&mut runtime, next, table, Vec::new(), Vec::new())
+            .await?;
+        Ok(created)
+    }
+
+    pub async fn remove_enrichment(&self, key: &str) -> Result<(), ChangeError> {
+        if self.config.routing.enrichments.iter().any(|e| e.key == key) {
+            return Err(ChangeError::Conflict(format!(
+                "enrichment '{key}' is defined in the configuration file; remove it there"
+            )));
+        }
+        let mut runtime = self.runtime.lock().await;
+        if !runtime.enrichments.iter().any(|e| e.key == key) {
+            return Err(ChangeError::NotFound(format!("no enrichment '{key}'")));
+        }
+        let mut next = runtime.clone();
+        next.enrichments.retain(|e| e.key != key);
+        let table = self.validate(&next)?;
+        self.commit(&mut runtime, next, table, Vec::new(), Vec::new())
+            .await
     }
 
     fn file_defines_endpoint(&self, name: &str) -> bool {
@@ -266,6 +338,16 @@ impl RoutingManager {
                 route.name
             )));
         }
+        if let Some(enrichment) = merged
+            .enrichments
+            .iter()
+            .find(|e| e.endpoint_names.iter().any(|e| e == name))
+        {
+            return Err(ChangeError::Conflict(format!(
+                "endpoint '{name}' is used by enrichment '{}'; remove or change it first",
+                enrichment.key
+            )));
+        }
         let mut next = runtime.clone();
         next.endpoints.retain(|e| e.name != name);
         let table = self.validate(&next)?;
@@ -327,7 +409,7 @@ impl RoutingManager {
 
     fn validate(&self, next: &RuntimeRouting) -> Result<Option<RouteTable>, ChangeError> {
         next.merged(&self.config.routing)
-            .table()
+            .table(&self.config.hub_name())
             .map_err(|e| ChangeError::Invalid(e.to_string()))
     }
 

@@ -90,7 +90,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         services,
     )?);
     let routing = Arc::new(crate::routing::RoutingState::new(
-        effective.routing.table()?,
+        effective.routing.table(&config.hub_name())?,
     ));
     let devices = crate::devices::Devices::new(
         registry.clone(),
@@ -186,7 +186,7 @@ fn start_engine(
         added.push((endpoint.name.clone(), logs));
     }
     services.routing = ingot_engine::shard::RoutingUpdate {
-        table: config.routing.table()?,
+        table: config.routing.table(&config.hub_name())?,
         added,
         removed: Vec::new(),
     };

@@ -411,3 +411,152 @@ fn twin_conditions_route_by_the_senders_twin() {
     assert_eq!(bodies(&endpoints.join("fast")), set(&["eu-3"]));
     assert_eq!(bodies(&hub.data_dir), set(&["eu-before-route", "us-1"]));
 }
+
+/// (body, application properties) of every record in the store at `dir`.
+fn properties(dir: &Path) -> std::collections::BTreeMap<String, Vec<(String, String)>> {
+    let reader = Reader::open(dir).unwrap();
+    let mut all = std::collections::BTreeMap::new();
+    for p in 0..reader.partition_count() {
+        let mut partition = reader.partition(PartitionId(p), StartAt::Start).unwrap();
+        while let Some(record) = partition.next().unwrap() {
+            let message = record.message;
+            let mut props: Vec<(String, String)> = message
+                .application_properties()
+                .iter()
+                .map(|p| (p.name().to_owned(), p.value().to_owned()))
+                .collect();
+            props.sort();
+            all.insert(String::from_utf8_lossy(message.body()).into_owned(), props);
+        }
+    }
+    all
+}
+
+#[test]
+fn enrichments_add_properties_to_the_messages_of_their_endpoints() {
+    let mut hub = Hub::start_with_config(
+        r#"
+[[routing.endpoints]]
+name = "eu"
+type = "log"
+
+[[routing.routes]]
+name = "to-eu"
+endpointNames = ["eu"]
+
+[[routing.routes]]
+name = "to-events"
+endpointNames = ["events"]
+
+[[routing.enrichments]]
+key = "source"
+value = "ingot"
+endpointNames = ["events"]
+"#,
+    );
+    let a_key = hub.create_sas_device("dev-a");
+    let b_key = hub.create_sas_device("dev-b");
+    patch_twin(
+        &hub,
+        "dev-a",
+        serde_json::json!({"tags": {"region": "eu", "floor": 3}}),
+    );
+    ok(hub.cli(&[
+        "enrichment",
+        "add",
+        "region",
+        "--value",
+        "$twin.tags.region",
+        "--endpoint",
+        "eu",
+    ]));
+    ok(hub.cli(&[
+        "enrichment",
+        "add",
+        "hub",
+        "--value",
+        "$iothubname",
+        "--endpoint",
+        "eu",
+        "--endpoint",
+        "events",
+    ]));
+    ok(hub.cli(&[
+        "enrichment",
+        "add",
+        "floor",
+        "--value",
+        "$twin.tags.floor",
+        "--endpoint",
+        "eu",
+    ]));
+    let err = failed(hub.cli(&[
+        "enrichment",
+        "add",
+        "x",
+        "--value",
+        "v",
+        "--endpoint",
+        "nowhere",
+    ]));
+    assert!(err.contains("unknown endpoint 'nowhere'"), "{err}");
+    ok(hub.cli(&["endpoint", "add", "spare", "--type", "log"]));
+    ok(hub.cli(&[
+        "enrichment",
+        "add",
+        "tmp",
+        "--value",
+        "v",
+        "--endpoint",
+        "spare",
+    ]));
+    let err = failed(hub.cli(&["endpoint", "remove", "spare"]));
+    assert!(err.contains("used by enrichment 'tmp'"), "{err}");
+    ok(hub.cli(&["enrichment", "remove", "tmp"]));
+    ok(hub.cli(&["endpoint", "remove", "spare"]));
+    let list = ok(hub.cli(&["enrichment", "list"]));
+    assert_eq!(list.as_array().unwrap().len(), 4);
+
+    let (mut a, _) = hub.connect_device("dev-a", &a_key, true);
+    let (mut b, _) = hub.connect_device("dev-b", &b_key, true);
+    publish(&mut a, "dev-a", "source=device", "from-a", 1);
+    publish(&mut b, "dev-b", "", "from-b", 1);
+    drop((a, b));
+    assert_eq!(hub.terminate().code(), Some(0));
+
+    let pairs = |items: &[(&str, &str)]| -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let events = properties(&hub.data_dir);
+    assert_eq!(
+        events["from-a"],
+        pairs(&[("hub", "localhost"), ("source", "ingot")]),
+        "the enrichment replaces the device's own property of that name"
+    );
+    assert_eq!(
+        events["from-b"],
+        pairs(&[("hub", "localhost"), ("source", "ingot")])
+    );
+    let eu = properties(&hub.data_dir.join("endpoints").join("eu"));
+    assert_eq!(
+        eu["from-a"],
+        pairs(&[
+            ("floor", "3"),
+            ("hub", "localhost"),
+            ("region", "eu"),
+            ("source", "device")
+        ])
+    );
+    assert_eq!(
+        eu["from-b"],
+        pairs(&[
+            ("floor", "$twin.tags.floor"),
+            ("hub", "localhost"),
+            ("region", "$twin.tags.region")
+        ]),
+        "a twin path the twin lacks is written as the path itself"
+    );
+}

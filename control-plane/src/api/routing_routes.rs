@@ -8,7 +8,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::{empty_response, json_response, wire, ApiError, ApiRequest, ApiResponse, AppState};
-use crate::config::{EndpointConfig, RouteConfig};
+use crate::config::{EndpointConfig, EnrichmentConfig, RouteConfig};
 use crate::routing::{ChangeError, Origin, RoutingManager};
 
 impl From<ChangeError> for ApiError {
@@ -75,12 +75,12 @@ fn created_or_ok(created: bool) -> StatusCode {
 pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     let manager = manager(state)?;
     let segments: Vec<&str> = req.segments.iter().map(String::as_str).collect();
-    let (routing, endpoint_origins, route_origins) = manager.current().await;
+    let (routing, origins) = manager.current().await;
     let endpoints = || -> Vec<Value> {
         routing
             .endpoints
             .iter()
-            .zip(&endpoint_origins)
+            .zip(&origins.endpoints)
             .map(|(e, o)| with_origin(e, *o))
             .collect()
     };
@@ -88,8 +88,16 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
         routing
             .routes
             .iter()
-            .zip(&route_origins)
+            .zip(&origins.routes)
             .map(|(r, o)| with_origin(r, *o))
+            .collect()
+    };
+    let enrichments = || -> Vec<Value> {
+        routing
+            .enrichments
+            .iter()
+            .zip(&origins.enrichments)
+            .map(|(e, o)| with_origin(e, *o))
             .collect()
     };
     let ok = |value: Value| Ok(json_response(StatusCode::OK, value.to_string()));
@@ -97,6 +105,7 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
         (&Method::GET, ["routing"]) => ok(json!({
             "endpoints": endpoints(),
             "routes": routes(),
+            "enrichments": enrichments(),
             "fallbackRoute": {
                 "name": "$fallback",
                 "source": "DeviceMessages",
@@ -107,6 +116,33 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
         })),
         (&Method::GET, ["routing", "endpoints"]) => ok(json!({ "value": endpoints() })),
         (&Method::GET, ["routing", "routes"]) => ok(json!({ "value": routes() })),
+        (&Method::GET, ["routing", "enrichments"]) => ok(json!({ "value": enrichments() })),
+        (&Method::GET, ["routing", "enrichments", key]) => enrichments()
+            .into_iter()
+            .find(|e| e["key"] == *key)
+            .map_or_else(
+                || Err(ApiError::not_found(format!("No enrichment '{key}'."))),
+                ok,
+            ),
+        (&Method::PUT, ["routing", "enrichments", key]) => {
+            let mut body: Value = wire::parse_json(&req.body)?;
+            if let Some(object) = body.as_object_mut() {
+                object.remove("origin");
+                object.insert("key".to_owned(), json!(key));
+            }
+            let enrichment: EnrichmentConfig = serde_json::from_value(body).map_err(|e| {
+                ApiError::deserialization(format!("The request body is not valid: {e}"))
+            })?;
+            let created = manager.put_enrichment(enrichment.clone()).await?;
+            Ok(json_response(
+                created_or_ok(created),
+                with_origin(&enrichment, Origin::Api).to_string(),
+            ))
+        }
+        (&Method::DELETE, ["routing", "enrichments", key]) => {
+            manager.remove_enrichment(key).await?;
+            Ok(empty_response(StatusCode::NO_CONTENT))
+        }
         (&Method::GET, ["routing", "endpoints", name]) => endpoints()
             .into_iter()
             .find(|e| e["name"] == *name)
@@ -145,7 +181,7 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
             manager.remove_route(name).await?;
             Ok(empty_response(StatusCode::NO_CONTENT))
         }
-        (_, ["routing"] | ["routing", "endpoints" | "routes", ..]) => {
+        (_, ["routing"] | ["routing", "endpoints" | "routes" | "enrichments", ..]) => {
             Err(ApiError::method_not_allowed())
         }
         _ => Err(ApiError::not_found("No such resource.")),

@@ -370,7 +370,7 @@ fn twin_value(value: &serde_json::Value) -> Val<'_> {
     }
 }
 
-fn twin_path<'t>(
+pub(crate) fn twin_path<'t>(
     twin: &'t serde_json::Value,
     section: TwinSection,
     path: &[PathSegment],

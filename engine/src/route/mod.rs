@@ -10,6 +10,7 @@
 //! [`EndpointSet`] with the endpoints one message goes to.
 
 mod compile;
+mod enrich;
 mod eval;
 mod message;
 pub mod parse;
@@ -18,6 +19,7 @@ pub mod parse;
 mod tests;
 
 pub use compile::Condition;
+pub use enrich::{EnrichmentError, EnrichmentSpec, ENRICHMENTS_MAX};
 pub use eval::{Evaluator, Outcome, Session, SCRATCH_BYTES_MAX};
 pub use message::{body_encoding, eq_ignore_case, BodyEncoding, MessageView, RouteMessage};
 pub use parse::ParseError;
@@ -160,6 +162,7 @@ pub struct RouteTable {
     fallback: bool,
     /// No routes were configured at all: every device message goes to `events`.
     empty: bool,
+    enrichments: Vec<enrich::Enrichment>,
 }
 
 fn valid_route_name(name: &str) -> bool {
@@ -237,7 +240,46 @@ impl RouteTable {
             endpoints,
             fallback: fallback.enabled,
             empty: routes.is_empty(),
+            enrichments: Vec::new(),
         })
+    }
+
+    /// Adds message enrichments (at most 10): `hub_name` is what `$iothubname` stands for.
+    /// Enrichments of endpoints that no route sends to are kept but never apply.
+    pub fn with_enrichments(
+        mut self,
+        specs: &[EnrichmentSpec],
+        hub_name: &str,
+    ) -> Result<RouteTable, EnrichmentError> {
+        let endpoints = &self.endpoints;
+        self.enrichments = enrich::compile(specs, hub_name, |name| {
+            endpoints.iter().position(|e| e == name)
+        })?;
+        Ok(self)
+    }
+
+    pub fn has_enrichments(&self) -> bool {
+        !self.enrichments.is_empty()
+    }
+
+    /// Each enrichment's value for a sender with this twin (see [`RouteTable::enrich`]).
+    pub fn enrichment_values<'a>(
+        &'a self,
+        twin: Option<&'a serde_json::Value>,
+    ) -> Vec<std::borrow::Cow<'a, str>> {
+        enrich::values(&self.enrichments, twin)
+    }
+
+    /// Enriched application properties of `messages` bound for endpoint `endpoint`, written to
+    /// `storage`, as a range of it per message; `None` when no enrichment applies there.
+    pub fn enrich<'a>(
+        &'a self,
+        values: &'a [std::borrow::Cow<'a, str>],
+        endpoint: usize,
+        messages: &[crate::store::MessageRef<'a>],
+        storage: &mut Vec<crate::store::PropertyRef<'a>>,
+    ) -> Option<Vec<std::ops::Range<usize>>> {
+        enrich::properties(&self.enrichments, values, endpoint, messages, storage)
     }
 
     /// The endpoint names, indexed as in [`EndpointSet`]; index 0 is always `events`.
@@ -251,6 +293,10 @@ impl RouteTable {
         self.routes
             .iter()
             .any(|r| r.condition.as_ref().is_some_and(Condition::reads_twin))
+            || self
+                .enrichments
+                .iter()
+                .any(|e| matches!(e.source, enrich::Source::Twin { .. }))
     }
 
     /// Whether any enabled route reads this source (non-telemetry events need not be produced

@@ -1035,20 +1035,46 @@ async fn serve(
                     .collect();
                 let now_ms = super::stats::now_ms();
                 // With routes, each message goes to the endpoints it matched; the custom ones
-                // are appended (and flushed under `always`) here, before any PUBACK.
+                // are appended (and flushed under `always`) here, before any PUBACK. The table
+                // is held for the whole batch: a route change applies from the next one.
+                let table = shard.routing.table();
                 let mut custom = Vec::new();
-                let events = match shard.routing.table() {
-                    None => None,
-                    Some(table) => {
-                        let routing = &shard.routing;
-                        let events = routing.route(&table, &messages, twin.as_deref(), &mut custom);
-                        if let Err(e) = routing.append(&table, partition.0, &custom, now_ms) {
-                            stats.append_errors.fetch_add(1, Relaxed);
-                            return Ended::Store(e.to_string());
-                        }
-                        Some(events)
+                let routed = table.as_deref().map(|table| {
+                    shard
+                        .routing
+                        .route(table, &messages, twin.as_deref(), &mut custom)
+                });
+                let enrichment_values = table
+                    .as_deref()
+                    .filter(|t| t.has_enrichments())
+                    .map(|t| t.enrichment_values(twin.as_deref()));
+                let mut enrichment_storage = Vec::new();
+                let ranges = match (table.as_deref(), &enrichment_values, &routed) {
+                    (Some(table), Some(values), Some(events)) => {
+                        Some(super::routing::enrichment_ranges(
+                            table,
+                            values,
+                            events,
+                            &custom,
+                            &mut enrichment_storage,
+                        ))
                     }
+                    _ => None,
                 };
+                let (events, custom) = match (routed, ranges) {
+                    (Some(events), Some(ranges)) => {
+                        let (events, custom) =
+                            super::routing::enriched(&enrichment_storage, events, custom, ranges);
+                        (Some(events), custom)
+                    }
+                    (events, _) => (events, custom),
+                };
+                if let Some(table) = &table {
+                    if let Err(e) = shard.routing.append(table, partition.0, &custom, now_ms) {
+                        stats.append_errors.fetch_add(1, Relaxed);
+                        return Ended::Store(e.to_string());
+                    }
+                }
                 let events = events.as_deref().unwrap_or(&messages);
                 let mut partitions = shard.partitions.borrow_mut();
                 let Some(log) = partitions.get_mut(&partition.0) else {

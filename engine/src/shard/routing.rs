@@ -11,12 +11,14 @@
 //! send anything to them, and closes the logs of removed endpoints only after the table that used
 //! them is gone.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 
 use crate::route::{EndpointSet, Evaluator, RouteMessage, RouteSource, RouteTable};
-use crate::store::{MessageRef, PartitionLog, StoreError};
+use crate::store::{MessageRef, PartitionLog, PropertyRef, StoreError};
 
 /// A change of the hub's routing, as the control plane sends it to the engine.
 #[derive(Debug, Default)]
@@ -82,6 +84,55 @@ impl std::fmt::Debug for ShardRouting {
 
 /// The messages of one batch bound for the custom endpoints, by endpoint index of the table.
 pub type CustomBatches<'a> = Vec<(usize, Vec<MessageRef<'a>>)>;
+
+/// Where each enriched message's application properties are in the enrichment storage: for
+/// `events`, and for each custom batch; `None` where no enrichment applies.
+pub type EnrichmentRanges = (Option<Vec<Range<usize>>>, Vec<Option<Vec<Range<usize>>>>);
+
+/// First step of enriching a routed batch: writes the enriched application properties of the
+/// messages bound for `events` and for each custom endpoint to `storage`.
+pub fn enrichment_ranges<'a>(
+    table: &'a RouteTable,
+    values: &'a [Cow<'a, str>],
+    events: &[MessageRef<'a>],
+    custom: &CustomBatches<'a>,
+    storage: &mut Vec<PropertyRef<'a>>,
+) -> EnrichmentRanges {
+    let events = table.enrich(values, 0, events, storage);
+    let custom = custom
+        .iter()
+        .map(|(endpoint, batch)| table.enrich(values, *endpoint, batch, storage))
+        .collect();
+    (events, custom)
+}
+
+/// Second step: the messages with their enriched properties (from `storage`).
+pub fn enriched<'s>(
+    storage: &'s [PropertyRef<'s>],
+    events: Vec<MessageRef<'s>>,
+    custom: CustomBatches<'s>,
+    ranges: EnrichmentRanges,
+) -> (Vec<MessageRef<'s>>, CustomBatches<'s>) {
+    let apply = |batch: Vec<MessageRef<'s>>, ranges: Option<Vec<Range<usize>>>| match ranges {
+        None => batch,
+        Some(ranges) => batch
+            .into_iter()
+            .zip(ranges)
+            .map(|(message, range)| MessageRef {
+                application_properties: storage.get(range).unwrap_or_default(),
+                ..message
+            })
+            .collect(),
+    };
+    let (events_ranges, custom_ranges) = ranges;
+    let events = apply(events, events_ranges);
+    let custom = custom
+        .into_iter()
+        .zip(custom_ranges.into_iter().chain(std::iter::repeat(None)))
+        .map(|((endpoint, batch), ranges)| (endpoint, apply(batch, ranges)))
+        .collect();
+    (events, custom)
+}
 
 impl ShardRouting {
     pub(super) fn new(update: Option<ShardUpdate>) -> ShardRouting {
