@@ -253,6 +253,13 @@ pub enum RouteCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Enable or disable the fallback route (device messages no route matched go to `events`).
+    Fallback {
+        #[arg(value_enum)]
+        state: FallbackArg,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Evaluate a route condition against a message, offline: prints match, noMatch or undefined
     /// (or where the condition does not parse).
     Test {
@@ -267,6 +274,12 @@ pub enum RouteCommand {
         #[arg(long, value_name = "FILE")]
         twin: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FallbackArg {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -912,6 +925,15 @@ fn route(command: RouteCommand) -> anyhow::Result<()> {
                 .request(Method::DELETE, &path(&name), &[], None)?
                 .success()?;
             Ok(())
+        }
+        RouteCommand::Fallback { state, connection } => {
+            let body = json!({ "isEnabled": matches!(state, FallbackArg::On) });
+            print(
+                &connection
+                    .client()?
+                    .request(Method::PUT, "/routing/fallbackRoute", &[], Some(&body))?
+                    .success()?,
+            )
         }
         RouteCommand::Test {
             condition,

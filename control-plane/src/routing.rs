@@ -80,6 +80,9 @@ pub fn endpoint_dir(data_dir: &std::path::Path, name: &str) -> std::path::PathBu
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeRouting {
+    /// The fallback route's state when changed through the API (over the file's `fallback`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<bool>,
     pub endpoints: Vec<EndpointConfig>,
     pub routes: Vec<RouteConfig>,
     pub enrichments: Vec<EnrichmentConfig>,
@@ -108,7 +111,7 @@ impl RuntimeRouting {
     /// The routing in force: the configuration file's endpoints and routes, then these.
     pub fn merged(&self, file: &RoutingConfig) -> RoutingConfig {
         RoutingConfig {
-            fallback: file.fallback,
+            fallback: self.fallback.unwrap_or(file.fallback),
             endpoints: file
                 .endpoints
                 .iter()
@@ -214,6 +217,16 @@ impl RoutingManager {
             enrichments: origins(file.enrichments.len(), runtime.enrichments.len()),
         };
         (merged, origins)
+    }
+
+    /// Enables or disables the fallback route.
+    pub async fn set_fallback(&self, enabled: bool) -> Result<(), ChangeError> {
+        let mut runtime = self.runtime.lock().await;
+        let mut next = runtime.clone();
+        next.fallback = Some(enabled);
+        let table = self.validate(&next)?;
+        self.commit(&mut runtime, next, table, Vec::new(), Vec::new())
+            .await
     }
 
     /// Adds or replaces an enrichment added through the API (by key). Returns whether it was

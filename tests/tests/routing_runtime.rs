@@ -191,6 +191,12 @@ fn routes_and_endpoints_change_at_run_time_and_persist() {
     publish(&mut client, "dev-1", "level=critical", "while-disabled", 5);
     ok(hub.cli(&["route", "remove", "critical"]));
     publish(&mut client, "dev-1", "level=critical", "after-remove", 6);
+    // Without the fallback, a message no route matched goes nowhere.
+    let fallback = ok(hub.cli(&["route", "fallback", "off"]));
+    assert_eq!(fallback["isEnabled"], false);
+    publish(&mut client, "dev-1", "level=info", "dropped", 7);
+    ok(hub.cli(&["route", "fallback", "on"]));
+    publish(&mut client, "dev-1", "level=info", "fallback-back", 8);
     let alerts_dir = hub.data_dir.join("endpoints").join("alerts");
     assert!(alerts_dir.exists());
     drop(client);
@@ -209,7 +215,7 @@ fn routes_and_endpoints_change_at_run_time_and_persist() {
     );
     assert_eq!(
         bodies(&hub.data_dir),
-        ["before", "while-disabled", "after-remove"]
+        ["before", "while-disabled", "after-remove", "fallback-back"]
             .map(str::to_owned)
             .into_iter()
             .collect(),

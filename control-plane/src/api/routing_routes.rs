@@ -101,19 +101,31 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
             .collect()
     };
     let ok = |value: Value| Ok(json_response(StatusCode::OK, value.to_string()));
+    let fallback = |enabled: bool| {
+        json!({
+            "name": "$fallback",
+            "source": "DeviceMessages",
+            "condition": "true",
+            "endpointNames": ["events"],
+            "isEnabled": enabled,
+        })
+    };
     match (&req.method, segments.as_slice()) {
         (&Method::GET, ["routing"]) => ok(json!({
             "endpoints": endpoints(),
             "routes": routes(),
             "enrichments": enrichments(),
-            "fallbackRoute": {
-                "name": "$fallback",
-                "source": "DeviceMessages",
-                "condition": "true",
-                "endpointNames": ["events"],
-                "isEnabled": routing.fallback,
-            },
+            "fallbackRoute": fallback(routing.fallback),
         })),
+        (&Method::GET, ["routing", "fallbackRoute"]) => ok(fallback(routing.fallback)),
+        (&Method::PUT, ["routing", "fallbackRoute"]) => {
+            let body: Value = wire::parse_json(&req.body)?;
+            let enabled = body["isEnabled"].as_bool().ok_or_else(|| {
+                ApiError::argument_invalid("The body needs isEnabled (true or false).")
+            })?;
+            manager.set_fallback(enabled).await?;
+            ok(fallback(enabled))
+        }
         (&Method::GET, ["routing", "endpoints"]) => ok(json!({ "value": endpoints() })),
         (&Method::GET, ["routing", "routes"]) => ok(json!({ "value": routes() })),
         (&Method::GET, ["routing", "enrichments"]) => ok(json!({ "value": enrichments() })),
@@ -181,9 +193,10 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
             manager.remove_route(name).await?;
             Ok(empty_response(StatusCode::NO_CONTENT))
         }
-        (_, ["routing"] | ["routing", "endpoints" | "routes" | "enrichments", ..]) => {
-            Err(ApiError::method_not_allowed())
-        }
+        (
+            _,
+            ["routing"] | ["routing", "endpoints" | "routes" | "enrichments" | "fallbackRoute", ..],
+        ) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found("No such resource.")),
     }
 }
