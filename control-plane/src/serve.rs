@@ -86,6 +86,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         services,
     )?);
     let routing = Arc::new(crate::routing::RoutingState::new(config.routing.table()?));
+    // Delivery to `files` and `webhook` endpoints: reads their logs, never slows ingest.
+    let delivery = Arc::new(crate::delivery::Workers::start(
+        crate::delivery::Context::new(data_dir, &config.hostname),
+        &config.routing.endpoints,
+    )?);
     let devices = crate::devices::Devices::new(
         registry.clone(),
         engine.clone(),
@@ -147,6 +152,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("stop the data plane")?;
+    // After the flush: `files` workers roll their open files and checkpoint them.
+    delivery.shutdown().await;
+    tracing::info!("delivery has stopped");
     tracing::info!("shut down cleanly");
     Ok(())
 }
