@@ -336,3 +336,193 @@ async fn run_endpoint(
     while tasks.join_next().await.is_some() {}
     tracing::debug!(endpoint = %name, "delivery stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ingot_engine::store::{MessageRef, PropertyRef, Store, StoreConfig};
+
+    fn append(store: &mut Store, partition: u32, bodies: std::ops::Range<u32>) {
+        for i in bodies {
+            let body = format!("{{\"n\":{i}}}");
+            let system = [
+                PropertyRef {
+                    name: "content-type",
+                    value: "application/json",
+                },
+                PropertyRef {
+                    name: "content-encoding",
+                    value: "utf-8",
+                },
+            ];
+            let message = MessageRef {
+                system_properties: &system,
+                application_properties: &[],
+                body: body.as_bytes(),
+            };
+            store
+                .append_batch(PartitionId(partition), &[message], 1_700_000_000_000)
+                .unwrap();
+        }
+    }
+
+    /// Every `Body.n` in the files under `root`, per file.
+    fn files(root: &Path) -> Vec<Vec<u64>> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.file_name().unwrap() == files::TMP_DIR {
+                    continue;
+                }
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    out.push(
+                        text.lines()
+                            .map(|l| {
+                                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                                v["Body"]["n"].as_u64().unwrap()
+                            })
+                            .collect(),
+                    );
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_resume_at_the_checkpoint_after_a_restart() {
+        let data = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let ctx = Context::new(data.path(), "myhub.example.com");
+        let mut config = StoreConfig::new(2);
+        config.segment_bytes_max = 1 << 20;
+        let mut store = Store::open(&ctx.endpoint_dir("arch"), config).unwrap();
+        append(&mut store, 0, 0..5);
+        append(&mut store, 1, 100..103);
+        let mut endpoint = EndpointConfig::log("arch");
+        endpoint.kind = EndpointKind::Files;
+        endpoint.path = Some(out.path().to_path_buf());
+        endpoint.batch_frequency_in_seconds = Some(720);
+
+        // Shutdown rolls the open files: one per partition, all records.
+        let workers = Workers::start(ctx.clone(), std::slice::from_ref(&endpoint)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while workers.status()[0].lag != Some(8) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        workers.shutdown().await;
+        assert_eq!(
+            files(out.path()),
+            [vec![0, 1, 2, 3, 4], vec![100, 101, 102]]
+        );
+
+        // After a restart only the new records are written, in a new file.
+        append(&mut store, 0, 5..7);
+        let workers = Workers::start(ctx.clone(), std::slice::from_ref(&endpoint)).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = workers.status();
+        workers.shutdown().await;
+        assert_eq!(
+            files(out.path()),
+            [vec![0, 1, 2, 3, 4], vec![5, 6], vec![100, 101, 102]]
+        );
+        assert_eq!(status[0].name, "arch");
+        assert_eq!(status[0].delivered, 0, "nothing is rolled before shutdown");
+        assert_eq!(status[0].lag, Some(2));
+        // The names follow Azure's default format; the second file of partition 0 in the same
+        // minute gets a suffix.
+        let p0 = out.path().join("myhub").join("0");
+        assert!(p0.is_dir());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_roll_by_size_and_age_without_a_shutdown() {
+        let data = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let ctx = Context::new(data.path(), "h");
+        let mut config = StoreConfig::new(1);
+        config.segment_bytes_max = 1 << 20;
+        let mut store = Store::open(&ctx.endpoint_dir("a"), config).unwrap();
+        let mut endpoint = EndpointConfig::log("a");
+        endpoint.kind = EndpointKind::Files;
+        endpoint.path = Some(out.path().to_path_buf());
+        endpoint.batch_frequency_in_seconds = Some(1);
+        endpoint.max_chunk_size_in_bytes = Some(1024);
+        let workers = Workers::start(ctx, std::slice::from_ref(&endpoint)).unwrap();
+        // Records of about 190 bytes: a 1 KiB chunk holds 6 (the sixth passes the limit).
+        append(&mut store, 0, 0..20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while workers.status()[0].delivered < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                workers.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let found = files(out.path());
+        assert!(found.len() >= 4, "{found:?}");
+        let all: Vec<u64> = found.concat();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..20).collect::<Vec<u64>>());
+        assert_eq!(workers.status()[0].lag, Some(0));
+        workers.shutdown().await;
+        assert_eq!(
+            files(out.path()).concat().len(),
+            20,
+            "no empty or extra file"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoints_are_added_and_removed_on_running_workers() {
+        let data = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let ctx = Context::new(data.path(), "h");
+        let workers = Workers::start(ctx.clone(), &[]).unwrap();
+        let mut endpoint = EndpointConfig::log("late");
+        endpoint.kind = EndpointKind::Files;
+        endpoint.path = Some(out.path().to_path_buf());
+        // Added before its log exists: the worker waits for it.
+        workers.add(&endpoint).unwrap();
+        workers.add(&EndpointConfig::log("plain")).unwrap();
+        assert!(workers.add(&endpoint).is_err(), "one worker per endpoint");
+        assert_eq!(workers.names(), ["late"]);
+        assert_eq!(workers.status()[0].lag, None);
+        let mut config = StoreConfig::new(1);
+        config.segment_bytes_max = 1 << 20;
+        let mut store = Store::open(&ctx.endpoint_dir("late"), config).unwrap();
+        append(&mut store, 0, 0..3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while workers.status()[0].lag != Some(3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                workers.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Removing stops the worker, which rolls its file first.
+        assert!(workers.remove("late").await);
+        assert!(!workers.remove("late").await);
+        assert!(workers.names().is_empty());
+        assert_eq!(files(out.path()), [vec![0, 1, 2]]);
+        let mut bad = endpoint.clone();
+        bad.path = None;
+        assert!(workers
+            .add(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("needs 'path'"));
+        workers.shutdown().await;
+    }
+}
