@@ -52,7 +52,12 @@ pub(crate) async fn stop_or_sleep(stop: &mut watch::Receiver<bool>, wait: Durati
     }
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
-        _ = stop.changed() => {}
+        changed = stop.changed() => {
+            // The sender is gone (the workers were dropped without a shutdown): stop too.
+            if changed.is_err() {
+                return true;
+            }
+        }
     }
     *stop.borrow()
 }
