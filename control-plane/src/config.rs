@@ -99,6 +99,9 @@ pub struct EndpointConfig {
     /// `webhook`: time allowed for one POST.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// `webhook`: a PEM file of CA certificates to trust for `https://`, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +131,7 @@ impl EndpointConfig {
             initial_backoff_ms: None,
             max_backoff_ms: None,
             timeout_ms: None,
+            ca_file: None,
         }
     }
 }
@@ -191,6 +195,7 @@ impl EndpointConfig {
             present("initialBackoffMs", self.initial_backoff_ms.is_some()),
             present("maxBackoffMs", self.max_backoff_ms.is_some()),
             present("timeoutMs", self.timeout_ms.is_some()),
+            present("caFile", self.ca_file.is_some()),
         ];
         let refuse = |fields: &[Option<String>]| -> Result<(), String> {
             match fields.iter().flatten().next() {
@@ -953,6 +958,7 @@ mod tests {
             ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://a/\"\ninitialBackoffMs = 500\nmaxBackoffMs = 100", "'maxBackoffMs' (100) is below 'initialBackoffMs' (500)"),
             ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://a/\"\ntimeoutMs = 1", "'timeoutMs' must be between"),
             ("[[endpoints]]\nname = \"l\"\ntype = \"log\"\nmaxDeliveryAttempts = 3", "'l': 'maxDeliveryAttempts' does not apply to a log endpoint"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\ncaFile = \"/ca.pem\"", "'f': 'caFile' does not apply to a files endpoint"),
         ];
         for (text, expected) in bad {
             let err = parse(text).unwrap_err();

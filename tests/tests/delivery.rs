@@ -583,3 +583,148 @@ endpointNames = ["hook"]
     assert_eq!(receiver.requests.load(Ordering::SeqCst), files);
     assert!(hub.log().contains("dead-lettering"), "a warning names it");
 }
+
+/// An HTTPS receiver with a certificate for `localhost` from a CA of its own: the bodies of
+/// every batch it acknowledged, and the CA's PEM.
+fn https_receiver() -> (u16, Arc<Mutex<Vec<Value>>>, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "webhook test CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (config, sink) = (config.clone(), sink.clone());
+            std::thread::spawn(move || {
+                let tls = rustls::ServerConnection::new(config).unwrap();
+                let mut reader = BufReader::new(rustls::StreamOwned::new(tls, stream));
+                loop {
+                    let mut length = 0;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let text = line.trim_end().to_ascii_lowercase();
+                        if text.is_empty() {
+                            break;
+                        }
+                        if let Some(value) = text.strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                    sink.lock().unwrap().extend(batch);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    let stream = reader.get_mut();
+                    if stream
+                        .write_all(answer)
+                        .and_then(|_| stream.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, received, ca.pem())
+}
+
+#[test]
+fn https_webhooks_verify_the_receiver_against_the_trusted_cas() {
+    let (port, received, ca) = https_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let config = format!(
+        r#"
+[[routing.endpoints]]
+name = "trusted"
+type = "webhook"
+url = "https://localhost:{port}/hook"
+caFile = "{}"
+
+[[routing.endpoints]]
+name = "untrusted"
+type = "webhook"
+url = "https://localhost:{port}/hook"
+maxDeliveryAttempts = 1
+
+[[routing.routes]]
+name = "a"
+endpointNames = ["trusted"]
+
+[[routing.routes]]
+name = "b"
+endpointNames = ["untrusted"]
+"#,
+        ca_file.display()
+    );
+    let hub = Hub::start_with_config(&config);
+    let messages: Vec<(String, String)> = (0..5)
+        .map(|i| (JSON.to_owned(), format!("{{\"n\":{i}}}")))
+        .collect();
+    publish_all(&hub, "dev-1", &messages);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = hub.data_dir.join("endpoints/untrusted/deadletter");
+    loop {
+        let got = received.lock().unwrap().len();
+        let dead_letters = std::fs::read_dir(&dead).map_or(0, |d| d.count());
+        if got >= 5 && dead_letters > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} received, {dead_letters} dead-letter files"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let bodies: BTreeSet<u64> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["Body"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bodies, (0..5).collect());
+    assert_eq!(
+        received.lock().unwrap().len(),
+        5,
+        "only the trusted endpoint's"
+    );
+    let text = std::fs::read_dir(&dead)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect::<String>();
+    assert!(text.contains("TLS handshake"), "{text}");
+}

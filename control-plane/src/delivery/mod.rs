@@ -150,10 +150,26 @@ impl Workers {
     pub fn add(&self, endpoint: &EndpointConfig) -> anyhow::Result<()> {
         endpoint.validate().map_err(anyhow::Error::msg)?;
         let kind = endpoint.kind;
+        let mut tls = self.tls.clone();
         let settings = match kind {
             EndpointKind::Log => return Ok(()),
             EndpointKind::Files => Settings::Files(FilesSettings::from_config(endpoint)?),
-            EndpointKind::Webhook => Settings::Webhook(WebhookSettings::from_config(endpoint)?),
+            EndpointKind::Webhook => {
+                let settings = WebhookSettings::from_config(endpoint)?;
+                if let Some(ca) = &settings.ca_file {
+                    let config = crate::tls::client_config(Some(ca)).with_context(|| {
+                        format!(
+                            "endpoint '{}': load the CA file {}",
+                            endpoint.name,
+                            ca.display()
+                        )
+                    })?;
+                    tls = Arc::new(config);
+                }
+                webhook::Target::parse(&settings.url, tls.clone())
+                    .with_context(|| format!("endpoint '{}'", endpoint.name))?;
+                Settings::Webhook(settings)
+            }
         };
         let mut workers = self
             .workers
@@ -168,7 +184,7 @@ impl Workers {
             self.ctx.clone(),
             endpoint.name.clone(),
             settings,
-            self.tls.clone(),
+            tls,
             counters.clone(),
             stopped,
         ));

@@ -48,6 +48,7 @@ pub struct WebhookSettings {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub timeout: Duration,
+    pub ca_file: Option<PathBuf>,
 }
 
 impl WebhookSettings {
@@ -70,6 +71,7 @@ impl WebhookSettings {
                 .max_backoff_ms
                 .unwrap_or(WEBHOOK_MAX_BACKOFF_MS_DEFAULT)),
             timeout: ms(endpoint.timeout_ms.unwrap_or(WEBHOOK_TIMEOUT_MS_DEFAULT)),
+            ca_file: endpoint.ca_file.clone(),
         })
     }
 }
