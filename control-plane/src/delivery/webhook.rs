@@ -225,7 +225,26 @@ impl Connection {
         headers: &[(&str, String)],
         timeout: Duration,
     ) -> Attempt {
-        match tokio::time::timeout(timeout, self.post(body, headers)).await {
+        // A kept-alive connection the receiver closed while it was idle fails the request
+        // that finds it so: that is no failure of the receiver, so try once more on a new
+        // connection at once (the receiver may see the batch twice: at least once anyway).
+        let reused = self.sender.as_ref().is_some_and(|s| !s.is_closed());
+        if reused {
+            match tokio::time::timeout(timeout, self.post(body.clone(), headers)).await {
+                Ok(Err(_)) => self.sender = None,
+                result => return self.outcome(result, timeout),
+            }
+        }
+        let result = tokio::time::timeout(timeout, self.post(body, headers)).await;
+        self.outcome(result, timeout)
+    }
+
+    fn outcome(
+        &mut self,
+        result: Result<anyhow::Result<StatusCode>, tokio::time::error::Elapsed>,
+        timeout: Duration,
+    ) -> Attempt {
+        match result {
             Err(_) => {
                 self.sender = None;
                 Attempt::Retry(format!("no answer within {} ms", timeout.as_millis()))
