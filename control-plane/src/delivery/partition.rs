@@ -109,8 +109,8 @@ impl Tail {
         while items.len() < max_records && bytes < max_bytes {
             match self.reader.next() {
                 Ok(Some(record)) => {
-                    let json = serde_json::to_vec(&super::record::record_json(&record))
-                        .unwrap_or_default();
+                    let mut json = Vec::with_capacity(256 + record.message.body().len() * 4 / 3);
+                    super::record::write_record(&record, &mut json);
                     bytes += json.len();
                     items.push(Item {
                         offset: record.offset,

@@ -16,8 +16,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use ingot_engine::store::format::property_name;
-use ingot_engine::store::Record;
-use serde_json::{Map, Value};
+use ingot_engine::store::{ArchivedMessage, ArchivedProperty, Record};
+use serde_json::Value;
 
 /// Azure's name of a system property stored under Ingot's `name`.
 pub fn azure_system_name(name: &str) -> &str {
@@ -39,34 +39,75 @@ pub fn azure_system_name(name: &str) -> &str {
     }
 }
 
-/// The record's JSON object (one line of a `files` endpoint, one element of a webhook batch).
-pub fn record_json(record: &Record<'_>) -> Value {
+/// Appends the record's JSON object (one line of a `files` endpoint, one element of a webhook
+/// batch) to `out`, without a line break. Written directly, not through a `serde_json::Value`:
+/// this runs for every delivered message. A property named twice keeps its last value, as a
+/// JSON object would.
+pub fn write_record(record: &Record<'_>, out: &mut Vec<u8>) {
     let message = record.message;
     let enqueued = utc_time(record.enqueued_time_ms);
-    let mut system = Map::new();
-    for p in message.system_properties() {
-        system.insert(azure_system_name(p.name()).to_owned(), p.value().into());
-    }
-    // Azure always carries the enqueued time; a record's header is the authority for it.
-    system
-        .entry("enqueuedTime")
-        .or_insert_with(|| enqueued.clone().into());
-    let properties: Map<String, Value> = message
-        .application_properties()
+    out.extend_from_slice(b"{\"EnqueuedTimeUtc\":\"");
+    out.extend_from_slice(enqueued.as_bytes());
+    out.extend_from_slice(b"\",\"Properties\":");
+    write_properties(message.application_properties(), |n| n, out);
+    out.extend_from_slice(b",\"SystemProperties\":");
+    let system = message.system_properties();
+    write_properties(system, azure_system_name, out);
+    // Azure always carries the enqueued time; the record's header has it when the stored
+    // properties do not.
+    if !system
         .iter()
-        .map(|p| (p.name().to_owned(), Value::String(p.value().to_owned())))
-        .collect();
-    let mut out = Map::new();
-    out.insert("EnqueuedTimeUtc".into(), enqueued.into());
-    out.insert("Properties".into(), Value::Object(properties));
-    out.insert("SystemProperties".into(), Value::Object(system));
-    out.insert("Body".into(), body_json(message));
-    Value::Object(out)
+        .any(|p| p.name() == property_name::ENQUEUED_TIME)
+    {
+        out.pop();
+        if !system.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"enqueuedTime\":\"");
+        out.extend_from_slice(enqueued.as_bytes());
+        out.extend_from_slice(b"\"}");
+    }
+    out.extend_from_slice(b",\"Body\":");
+    write_body(message, out);
+    out.push(b'}');
 }
 
-fn body_json(message: &ingot_engine::store::format::ArchivedMessage) -> Value {
-    let body = message.body();
-    let json = message
+fn write_properties(
+    properties: &[ArchivedProperty],
+    rename: impl Fn(&str) -> &str,
+    out: &mut Vec<u8>,
+) {
+    out.push(b'{');
+    let mut first = true;
+    for (i, p) in properties.iter().enumerate() {
+        if properties[i + 1..].iter().any(|q| q.name() == p.name()) {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_string(rename(p.name()), out);
+        out.push(b':');
+        write_string(p.value(), out);
+    }
+    out.push(b'}');
+}
+
+fn write_string(text: &str, out: &mut Vec<u8>) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// The JSON object of a record (tests and tools; delivery writes bytes with [`write_record`]).
+pub fn record_json(record: &Record<'_>) -> Value {
+    let mut out = Vec::new();
+    write_record(record, &mut out);
+    serde_json::from_slice(&out).unwrap_or(Value::Null)
+}
+
+fn is_json_body(message: &ArchivedMessage) -> bool {
+    message
         .system_property(property_name::CONTENT_TYPE)
         .is_some_and(|ct| {
             ct.split(';')
@@ -80,13 +121,33 @@ fn body_json(message: &ingot_engine::store::format::ArchivedMessage) -> Value {
             .is_some_and(|ce| {
                 let ce = ce.trim();
                 ce.eq_ignore_ascii_case("utf-8") || ce.eq_ignore_ascii_case("utf8")
-            });
-    if json {
-        if let Ok(value) = serde_json::from_slice::<Value>(body) {
-            return value;
+            })
+}
+
+fn write_body(message: &ArchivedMessage, out: &mut Vec<u8>) {
+    let body = message.body();
+    if is_json_body(message) {
+        if !body.contains(&b'\n') && !body.contains(&b'\r') {
+            // Valid JSON on one line: the device's own text, as it sent it.
+            if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+                out.extend_from_slice(body.trim_ascii());
+                return;
+            }
+        } else if let Ok(value) = serde_json::from_slice::<Value>(body) {
+            // Over several lines: made compact, so that a record stays one line.
+            let _ = serde_json::to_writer(&mut *out, &value);
+            return;
         }
     }
-    Value::String(BASE64.encode(body))
+    out.push(b'"');
+    let start = out.len();
+    out.resize(
+        start + base64::encoded_len(body.len(), true).unwrap_or(0),
+        0,
+    );
+    let written = BASE64.encode_slice(body, &mut out[start..]).unwrap_or(0);
+    out.truncate(start + written);
+    out.push(b'"');
 }
 
 /// Azure's time format in these records: UTC with seven fractional digits.
@@ -204,5 +265,72 @@ mod tests {
                 "2025-11-26T21:00:00.1230000Z"
             );
         });
+    }
+
+    #[test]
+    fn records_are_one_line_of_valid_json_whatever_the_message() {
+        // Pretty-printed JSON is made compact; escapes, a property named twice, and a stored
+        // enqueued time.
+        with_record(
+            &[
+                ("content-type", "application/json; charset=utf-8"),
+                ("content-encoding", "utf-8"),
+                ("iothub-enqueuedtime", "2025-01-01T00:00:00.0000000Z"),
+            ],
+            &[("q", "say \"hi\"\nbye"), ("dup", "1"), ("dup", "2")],
+            b"{\n  \"a\": [1, 2],\r\n  \"b\": \"x\"\n}",
+            |json| {
+                assert_eq!(json["Body"], serde_json::json!({"a": [1, 2], "b": "x"}));
+                assert_eq!(json["Properties"]["q"], "say \"hi\"\nbye");
+                assert_eq!(json["Properties"]["dup"], "2");
+                assert_eq!(
+                    json["SystemProperties"]["enqueuedTime"],
+                    "2025-01-01T00:00:00.0000000Z"
+                );
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(1);
+        config.segment_bytes_max = 1 << 20;
+        let mut store = Store::open(dir.path(), config).unwrap();
+        let bodies: [&[u8]; 4] = [b" [1,2] ", b"{\"a\":\n1}", b"", b"\xff\xfe"];
+        let system = [
+            PropertyRef {
+                name: "content-type",
+                value: "application/json",
+            },
+            PropertyRef {
+                name: "content-encoding",
+                value: "utf-8",
+            },
+        ];
+        for body in bodies {
+            let message = MessageRef {
+                system_properties: &system,
+                application_properties: &[],
+                body,
+            };
+            store.append_batch(PartitionId(0), &[message], 1).unwrap();
+        }
+        drop(store);
+        let reader = Reader::open(dir.path()).unwrap();
+        let mut partition = reader.partition(PartitionId(0), StartAt::Start).unwrap();
+        let mut seen = Vec::new();
+        while let Some(record) = partition.next().unwrap() {
+            let mut out = Vec::new();
+            write_record(&record, &mut out);
+            assert!(!out.contains(&b'\n'), "{}", String::from_utf8_lossy(&out));
+            let value: Value = serde_json::from_slice(&out).unwrap();
+            seen.push(value["Body"].clone());
+        }
+        assert_eq!(
+            seen,
+            [
+                serde_json::json!([1, 2]),
+                serde_json::json!({"a": 1}),
+                serde_json::json!(""),
+                serde_json::json!("//4="),
+            ]
+        );
     }
 }
