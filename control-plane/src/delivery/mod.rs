@@ -111,10 +111,27 @@ struct Worker {
     counters: Arc<Counters>,
 }
 
-/// The delivery workers of a hub.
+/// How much lower than ingest the delivery threads run (added to their nice value): on a core
+/// that ingest keeps busy, delivery takes the time ingest leaves, not half of it.
+const NICENESS: i32 = 10;
+
+/// Gives the calling thread a nice value `NICENESS` above the current one (at most 19).
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    let lowered = rustix::process::getpriority_process(Some(tid))
+        .and_then(|now| rustix::process::setpriority_process(Some(tid), (now + NICENESS).min(19)));
+    if let Err(e) = lowered {
+        tracing::debug!("cannot lower the priority of a delivery thread: {e}");
+    }
+}
+
+/// The delivery workers of a hub, on a runtime of their own whose threads run at a lower
+/// priority than ingest.
 pub struct Workers {
     ctx: Arc<Context>,
-    runtime: tokio::runtime::Handle,
+    /// Taken by `Drop` (a runtime cannot be dropped in an async context, only shut down).
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     tls: Arc<rustls::ClientConfig>,
     workers: Mutex<BTreeMap<String, Worker>>,
 }
@@ -128,14 +145,22 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// Starts a worker for each `files` and `webhook` endpoint (`log` endpoints have none). Call
-    /// inside the tokio runtime the workers should run on.
+    /// Starts a worker for each `files` and `webhook` endpoint (`log` endpoints have none).
     pub fn start(ctx: Context, endpoints: &[EndpointConfig]) -> anyhow::Result<Workers> {
         let tls = crate::tls::client_config(None).context("set up TLS for webhooks")?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .max_blocking_threads(16)
+            .thread_name("ingot-delivery")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .context("start the delivery runtime")?;
         let workers = Workers {
             ctx: Arc::new(ctx),
-            runtime: tokio::runtime::Handle::try_current()
-                .context("delivery workers need a tokio runtime")?,
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
             tls: Arc::new(tls),
             workers: Mutex::new(BTreeMap::new()),
         };
@@ -180,7 +205,7 @@ impl Workers {
         }
         let (stop, stopped) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        let task = self.runtime.spawn(run_endpoint(
+        let task = self.handle.spawn(run_endpoint(
             self.ctx.clone(),
             endpoint.name.clone(),
             settings,
@@ -260,6 +285,14 @@ impl Workers {
         }
         for (_, worker) in workers {
             let _ = worker.task.await;
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
