@@ -515,6 +515,13 @@ endpointNames = ["archive"]
     let expected: BTreeSet<String> = (0..total).map(|i| format!("{{\"n\":{i}}}")).collect();
     assert_eq!(bodies, expected);
     assert_eq!(receiver.bodies(), expected);
+    // Resumed at the checkpoints: only what was in flight (a batch of 5 per partition at most)
+    // arrives again.
+    assert!(
+        receiver.duplicates() <= 10,
+        "{} duplicates",
+        receiver.duplicates()
+    );
     eprintln!(
         "webhook: {before} of {} before the kill, {} duplicates after the restart; \
          files: {files_before} lines before the kill, {} duplicate lines",
