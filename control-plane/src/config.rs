@@ -115,6 +115,9 @@ pub struct EndpointConfig {
     /// `webhook`: time allowed for one POST.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// `webhook`: a PEM file of CA certificates to trust for `https://`, besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +147,218 @@ impl EndpointConfig {
             initial_backoff_ms: None,
             max_backoff_ms: None,
             timeout_ms: None,
+            ca_file: None,
+        }
+    }
+}
+
+/// Tokens a `files` endpoint's `fileNameFormat` must contain (Azure requires all of them, in any
+/// order).
+pub const FILE_NAME_TOKENS: [&str; 7] = [
+    "{iothub}",
+    "{partition}",
+    "{YYYY}",
+    "{MM}",
+    "{DD}",
+    "{HH}",
+    "{mm}",
+];
+/// Azure's default `fileNameFormat`.
+pub const FILE_NAME_FORMAT_DEFAULT: &str = "{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}";
+/// `batchFrequencyInSeconds`: Azure allows 60 to 720; Ingot allows down to 1 (fast rolls for
+/// tests and small deployments).
+pub const BATCH_FREQUENCY_SECS_DEFAULT: u32 = 300;
+pub const BATCH_FREQUENCY_SECS_RANGE: std::ops::RangeInclusive<u32> = 1..=720;
+/// `maxChunkSizeInBytes`: Azure allows 100 to 500 MiB; Ingot allows down to 1 KiB.
+pub const MAX_CHUNK_BYTES_DEFAULT: u64 = 300 << 20;
+pub const MAX_CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(500 << 20);
+/// `maxBatchSize` of a webhook: messages per POST.
+pub const WEBHOOK_BATCH_DEFAULT: u32 = 100;
+pub const WEBHOOK_BATCH_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// `maxDeliveryAttempts` of a webhook batch before it is dead-lettered.
+pub const WEBHOOK_ATTEMPTS_DEFAULT: u32 = 10;
+pub const WEBHOOK_ATTEMPTS_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+/// `initialBackoffMs` and `maxBackoffMs` (1 ms to 1 hour; the maximum at least the initial).
+pub const WEBHOOK_INITIAL_BACKOFF_MS_DEFAULT: u64 = 1000;
+pub const WEBHOOK_MAX_BACKOFF_MS_DEFAULT: u64 = 60_000;
+pub const WEBHOOK_BACKOFF_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=3_600_000;
+/// `timeoutMs` of one POST (connect, send, response).
+pub const WEBHOOK_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+pub const WEBHOOK_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=300_000;
+
+impl EndpointConfig {
+    /// Checks the fields of the endpoint's kind (ranges, the `files` name tokens, the webhook
+    /// URL) and refuses the fields of the other kinds. The error names the endpoint.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = &self.name;
+        let present = |field: &str, set: bool| set.then(|| field.to_owned());
+        let files_fields = [
+            present("path", self.path.is_some()),
+            present("fileNameFormat", self.file_name_format.is_some()),
+            present(
+                "batchFrequencyInSeconds",
+                self.batch_frequency_in_seconds.is_some(),
+            ),
+            present(
+                "maxChunkSizeInBytes",
+                self.max_chunk_size_in_bytes.is_some(),
+            ),
+        ];
+        let webhook_fields = [
+            present("url", self.url.is_some()),
+            present("maxBatchSize", self.max_batch_size.is_some()),
+            present("maxDeliveryAttempts", self.max_delivery_attempts.is_some()),
+            present("initialBackoffMs", self.initial_backoff_ms.is_some()),
+            present("maxBackoffMs", self.max_backoff_ms.is_some()),
+            present("timeoutMs", self.timeout_ms.is_some()),
+            present("caFile", self.ca_file.is_some()),
+        ];
+        let refuse = |fields: &[Option<String>]| -> Result<(), String> {
+            match fields.iter().flatten().next() {
+                Some(field) => Err(format!(
+                    "endpoint '{name}': '{field}' does not apply to a {} endpoint",
+                    self.kind.as_str()
+                )),
+                None => Ok(()),
+            }
+        };
+        fn check<T: PartialOrd + std::fmt::Display + Copy>(
+            name: &str,
+            field: &str,
+            value: Option<T>,
+            range: &std::ops::RangeInclusive<T>,
+        ) -> Result<(), String> {
+            match value {
+                Some(v) if !range.contains(&v) => Err(format!(
+                    "endpoint '{name}': '{field}' must be between {} and {}, not {v}",
+                    range.start(),
+                    range.end()
+                )),
+                _ => Ok(()),
+            }
+        }
+        match self.kind {
+            EndpointKind::Log => {
+                refuse(&files_fields)?;
+                refuse(&webhook_fields)
+            }
+            EndpointKind::Files => {
+                refuse(&webhook_fields)?;
+                match &self.path {
+                    None => {
+                        return Err(format!("endpoint '{name}': a files endpoint needs 'path'"))
+                    }
+                    Some(path) if !path.is_absolute() => {
+                        return Err(format!(
+                            "endpoint '{name}': 'path' must be absolute, not '{}'",
+                            path.display()
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                if let Some(format) = &self.file_name_format {
+                    let missing: Vec<&str> = FILE_NAME_TOKENS
+                        .iter()
+                        .copied()
+                        .filter(|t| !format.contains(t))
+                        .collect();
+                    if !missing.is_empty() {
+                        return Err(format!(
+                            "endpoint '{name}': 'fileNameFormat' must contain every one of {}; it lacks {}",
+                            FILE_NAME_TOKENS.join(" "),
+                            missing.join(" ")
+                        ));
+                    }
+                    let bad_part = format.starts_with('/')
+                        || format
+                            .split('/')
+                            .any(|p| p.is_empty() || p == "." || p == "..");
+                    if bad_part || format.contains('\\') || format.contains('\0') {
+                        return Err(format!(
+                            "endpoint '{name}': 'fileNameFormat' must be a relative path of non-empty parts, without '.', '..' or '\\'"
+                        ));
+                    }
+                }
+                check(
+                    name,
+                    "batchFrequencyInSeconds",
+                    self.batch_frequency_in_seconds,
+                    &BATCH_FREQUENCY_SECS_RANGE,
+                )?;
+                check(
+                    name,
+                    "maxChunkSizeInBytes",
+                    self.max_chunk_size_in_bytes,
+                    &MAX_CHUNK_BYTES_RANGE,
+                )
+            }
+            EndpointKind::Webhook => {
+                refuse(&files_fields)?;
+                let Some(url) = &self.url else {
+                    return Err(format!("endpoint '{name}': a webhook endpoint needs 'url'"));
+                };
+                let uri: hyper::Uri = url
+                    .parse()
+                    .map_err(|e| format!("endpoint '{name}': 'url' {url:?} is not a URL: {e}"))?;
+                let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+                if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+                    return Err(format!(
+                        "endpoint '{name}': 'url' must be an http:// or https:// URL with a host, not {url:?}"
+                    ));
+                }
+                check(
+                    name,
+                    "maxBatchSize",
+                    self.max_batch_size,
+                    &WEBHOOK_BATCH_RANGE,
+                )?;
+                check(
+                    name,
+                    "maxDeliveryAttempts",
+                    self.max_delivery_attempts,
+                    &WEBHOOK_ATTEMPTS_RANGE,
+                )?;
+                check(
+                    name,
+                    "initialBackoffMs",
+                    self.initial_backoff_ms,
+                    &WEBHOOK_BACKOFF_MS_RANGE,
+                )?;
+                check(
+                    name,
+                    "maxBackoffMs",
+                    self.max_backoff_ms,
+                    &WEBHOOK_BACKOFF_MS_RANGE,
+                )?;
+                check(
+                    name,
+                    "timeoutMs",
+                    self.timeout_ms,
+                    &WEBHOOK_TIMEOUT_MS_RANGE,
+                )?;
+                let initial = self
+                    .initial_backoff_ms
+                    .unwrap_or(WEBHOOK_INITIAL_BACKOFF_MS_DEFAULT);
+                let max = self
+                    .max_backoff_ms
+                    .unwrap_or(WEBHOOK_MAX_BACKOFF_MS_DEFAULT);
+                if max < initial {
+                    return Err(format!(
+                        "endpoint '{name}': 'maxBackoffMs' ({max}) is below 'initialBackoffMs' ({initial})"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl EndpointKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointKind::Log => "log",
+            EndpointKind::Files => "files",
+            EndpointKind::Webhook => "webhook",
         }
     }
 }
@@ -202,6 +417,7 @@ impl RoutingConfig {
             if !names.insert(endpoint.name.as_str()) {
                 return Err(invalid(format!("duplicate endpoint '{}'", endpoint.name)));
             }
+            endpoint.validate().map_err(invalid)?;
         }
         if self.endpoints.len() > ENDPOINTS_MAX {
             return Err(invalid(format!("at most {ENDPOINTS_MAX} custom endpoints")));
@@ -762,6 +978,44 @@ mod tests {
         let missing = dir.path().join("absent.toml");
         let err = Config::load(Some(&missing), vars(&[]), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn endpoint_fields_are_checked_per_kind() {
+        let parse = |text: &str| -> Result<(), String> {
+            let routing: RoutingConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            routing.table().map(|_| ()).map_err(|e| e.to_string())
+        };
+        let ok = [
+            "[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/srv/f\"",
+            "[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/srv/f\"\nfileNameFormat = \"{YYYY}/{MM}/{DD}/{HH}/{mm}/{iothub}-{partition}.json\"\nbatchFrequencyInSeconds = 1\nmaxChunkSizeInBytes = 1024",
+            "[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"https://example.com/hook\"\nmaxBatchSize = 1\nmaxDeliveryAttempts = 1\ninitialBackoffMs = 5\nmaxBackoffMs = 5\ntimeoutMs = 100",
+            "[[endpoints]]\nname = \"l\"\ntype = \"log\"",
+        ];
+        for text in ok {
+            assert_eq!(parse(text), Ok(()), "{text}");
+        }
+        let bad = [
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"", "'f': a files endpoint needs 'path'"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"rel\"", "'f': 'path' must be absolute"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\nfileNameFormat = \"{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}\"", "it lacks {mm}"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\nfileNameFormat = \"../{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}\"", "relative path"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\nbatchFrequencyInSeconds = 0", "'batchFrequencyInSeconds' must be between 1 and 720"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\nmaxChunkSizeInBytes = 600000000", "'maxChunkSizeInBytes' must be between"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\nurl = \"http://a/\"", "'f': 'url' does not apply to a files endpoint"),
+            ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"", "'w': a webhook endpoint needs 'url'"),
+            ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"ftp://a/\"", "http:// or https://"),
+            ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://a/\"\npath = \"/x\"", "'path' does not apply to a webhook endpoint"),
+            ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://a/\"\nmaxBatchSize = 0", "'maxBatchSize' must be between 1 and 1000"),
+            ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://a/\"\ninitialBackoffMs = 500\nmaxBackoffMs = 100", "'maxBackoffMs' (100) is below 'initialBackoffMs' (500)"),
+            ("[[endpoints]]\nname = \"w\"\ntype = \"webhook\"\nurl = \"http://a/\"\ntimeoutMs = 1", "'timeoutMs' must be between"),
+            ("[[endpoints]]\nname = \"l\"\ntype = \"log\"\nmaxDeliveryAttempts = 3", "'l': 'maxDeliveryAttempts' does not apply to a log endpoint"),
+            ("[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/x\"\ncaFile = \"/ca.pem\"", "'f': 'caFile' does not apply to a files endpoint"),
+        ];
+        for (text, expected) in bad {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(expected), "{text:?} gave {err:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod delivery;
 pub mod devices;
 pub mod fsutil;
 pub mod identity;

@@ -180,6 +180,7 @@ pub struct RoutingManager {
     state: Arc<RoutingState>,
     engine: Arc<ingot_engine::shard::Engine>,
     devices: Arc<crate::devices::Devices>,
+    delivery: Arc<crate::delivery::Workers>,
 }
 
 impl RoutingManager {
@@ -190,6 +191,7 @@ impl RoutingManager {
         state: Arc<RoutingState>,
         engine: Arc<ingot_engine::shard::Engine>,
         devices: Arc<crate::devices::Devices>,
+        delivery: Arc<crate::delivery::Workers>,
     ) -> RoutingManager {
         RoutingManager {
             config,
@@ -198,7 +200,13 @@ impl RoutingManager {
             state,
             engine,
             devices,
+            delivery,
         }
+    }
+
+    /// Delivery counters of the `files` and `webhook` endpoints.
+    pub fn delivery_status(&self) -> Vec<crate::delivery::EndpointStatus> {
+        self.delivery.status()
     }
 
     /// The routing in force, each endpoint, route and enrichment with where it is defined.
@@ -323,9 +331,19 @@ impl RoutingManager {
                     .map_err(|e| ChangeError::Unavailable(e.to_string()))?
                     .map_err(|e| ChangeError::Unavailable(format!("{e:#}")))?;
             added.push((endpoint.name.clone(), logs));
+        } else {
+            // Replaced: its worker (if any) finishes what it holds, then restarts with the new
+            // settings from the checkpoint it left.
+            self.delivery.remove(&endpoint.name).await;
         }
         self.commit(&mut runtime, next, table, added, Vec::new())
             .await?;
+        self.delivery.add(&endpoint).map_err(|e| {
+            ChangeError::Invalid(format!(
+                "endpoint '{}' is saved, but its delivery cannot start: {e:#}",
+                endpoint.name
+            ))
+        })?;
         Ok(created)
     }
 
@@ -364,6 +382,7 @@ impl RoutingManager {
         let mut next = runtime.clone();
         next.endpoints.retain(|e| e.name != name);
         let table = self.validate(&next)?;
+        self.delivery.remove(name).await;
         self.commit(&mut runtime, next, table, Vec::new(), vec![name.to_owned()])
             .await?;
         // Every shard has closed the log: delete it.

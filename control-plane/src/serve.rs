@@ -92,6 +92,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let routing = Arc::new(crate::routing::RoutingState::new(
         effective.routing.table(&config.hub_name())?,
     ));
+    // Delivery to `files` and `webhook` endpoints: reads their logs, never slows ingest.
+    let delivery = Arc::new(crate::delivery::Workers::start(
+        crate::delivery::Context::new(data_dir, &config.hostname),
+        &effective.routing.endpoints,
+    )?);
     let devices = crate::devices::Devices::new(
         registry.clone(),
         engine.clone(),
@@ -105,6 +110,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         routing.clone(),
         engine.clone(),
         devices.clone(),
+        delivery.clone(),
     ));
     // Kept to close the queue at shutdown: tasks a shard leaves behind when it stops (a
     // connection still in its handshake) may keep a sender alive, so the end of the senders
@@ -162,6 +168,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .await
     .context("stop the data plane")?;
+    // After the flush: `files` workers roll their open files and checkpoint them.
+    delivery.shutdown().await;
+    tracing::info!("delivery has stopped");
     tracing::info!("shut down cleanly");
     Ok(())
 }

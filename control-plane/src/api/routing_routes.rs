@@ -77,11 +77,24 @@ pub async fn dispatch(state: &AppState, req: &ApiRequest) -> Result<ApiResponse,
     let segments: Vec<&str> = req.segments.iter().map(String::as_str).collect();
     let (routing, origins) = manager.current().await;
     let endpoints = || -> Vec<Value> {
+        let status = manager.delivery_status();
         routing
             .endpoints
             .iter()
             .zip(&origins.endpoints)
-            .map(|(e, o)| with_origin(e, *o))
+            .map(|(e, o)| {
+                let mut value = with_origin(e, *o);
+                // Delivery counters of `files` and `webhook` endpoints.
+                if let Some(s) = status.iter().find(|s| s.name == e.name) {
+                    value["delivery"] = json!({
+                        "delivered": s.delivered,
+                        "retries": s.retries,
+                        "deadLettered": s.dead_lettered,
+                        "lag": s.lag,
+                    });
+                }
+                value
+            })
             .collect()
     };
     let routes = || -> Vec<Value> {
