@@ -984,7 +984,7 @@ mod tests {
     fn endpoint_fields_are_checked_per_kind() {
         let parse = |text: &str| -> Result<(), String> {
             let routing: RoutingConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-            routing.table().map(|_| ()).map_err(|e| e.to_string())
+            routing.table("hub").map(|_| ()).map_err(|e| e.to_string())
         };
         let ok = [
             "[[endpoints]]\nname = \"f\"\ntype = \"files\"\npath = \"/srv/f\"",
