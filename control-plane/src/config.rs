@@ -441,9 +441,13 @@ impl RoutingConfig {
         for route in &self.routes {
             let source = match route.source.as_str() {
                 "DeviceMessages" => RouteSource::DeviceMessages,
+                "TwinChangeEvents" => RouteSource::TwinChangeEvents,
+                "DeviceLifecycleEvents" => RouteSource::DeviceLifecycleEvents,
+                "DeviceConnectionStateEvents" => RouteSource::DeviceConnectionStateEvents,
                 other => {
                     return Err(invalid(format!(
-                        "route '{}': source '{other}' is not produced yet (only DeviceMessages)",
+                        "route '{}': unknown source '{other}' (DeviceMessages, TwinChangeEvents, \
+                         DeviceLifecycleEvents or DeviceConnectionStateEvents)",
                         route.name
                     )))
                 }

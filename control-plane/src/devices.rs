@@ -68,6 +68,8 @@ pub struct Devices {
     engine: Arc<Engine>,
     /// The route table in force: which system events are wanted.
     routing: Arc<crate::routing::RoutingState>,
+    /// Connection-state and reported-property twin-change events.
+    system_events: Arc<crate::system_events::SystemEvents>,
     presence: Mutex<HashMap<IdentityKey, Presence>>,
     pub c2d: C2dSettings,
 }
@@ -78,11 +80,13 @@ impl Devices {
         engine: Arc<Engine>,
         c2d: C2dSettings,
         routing: Arc<crate::routing::RoutingState>,
+        system_events: Arc<crate::system_events::SystemEvents>,
     ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             engine,
             routing,
+            system_events,
             presence: Mutex::default(),
             c2d,
         })
@@ -171,6 +175,8 @@ impl Devices {
         let mut sessions: Vec<(String, Option<Vec<String>>)> = Vec::new();
         let mut deliver: Vec<IdentityKey> = Vec::new();
         let mut twins: Vec<IdentityKey> = Vec::new();
+        // Connection-state changes in the order seen: (identity, connected).
+        let mut connections: Vec<(IdentityKey, bool)> = Vec::new();
         for event in batch {
             match event {
                 DeviceEvent::TwinReportedPatch {
@@ -219,6 +225,9 @@ impl Devices {
                         entry.last_delivery = None;
                         entry.since = now_rfc3339().into();
                         twins.push(identity.clone());
+                        if newly_connected {
+                            connections.push((identity.clone(), true));
+                        }
                     }
                     entry.connection = connection;
                     entry.subscriptions = subscriptions;
@@ -236,6 +245,7 @@ impl Devices {
                         .is_some_and(|p| p.connection == connection)
                     {
                         presence.remove(&identity);
+                        connections.push((identity, false));
                     }
                 }
             }
@@ -251,6 +261,13 @@ impl Devices {
             if let Err(e) = self.registry.save_sessions(&sessions) {
                 tracing::error!("failed to save MQTT sessions: {e}");
             }
+        }
+        for (identity, connected) in connections {
+            self.system_events.connection(
+                connected,
+                &identity.device_id,
+                identity.module_id.as_deref(),
+            );
         }
         for identity in twins {
             self.push_twin(&identity);
@@ -279,6 +296,33 @@ impl Devices {
             }
             Err(e) => tracing::debug!("no twin to send for routing: {e}"),
         }
+    }
+
+    /// A `twinChangeEvents` `updateTwin` for a committed reported patch: the patch with the new
+    /// reported `$version`, and the twin's new `version`.
+    fn reported_changed(
+        &self,
+        identity: &IdentityKey,
+        patch: Option<&serde_json::Value>,
+        reported_version: u64,
+    ) {
+        let module_id = identity.module_id.as_deref();
+        self.system_events
+            .twin_changed(false, &identity.device_id, module_id, || {
+                let mut reported = patch.cloned().unwrap_or_else(|| serde_json::json!({}));
+                if let Some(object) = reported.as_object_mut() {
+                    object.insert("$version".into(), reported_version.into());
+                }
+                let version = self
+                    .registry
+                    .twin(&identity.device_id, module_id)
+                    .map(|t| t.version())
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "version": version,
+                    "properties": { "reported": reported },
+                })
+            });
     }
 
     /// Sends every live connection its twin: after a route change that made routes read
@@ -318,12 +362,14 @@ impl Devices {
                 return;
             }
         };
+        let mut patch_bodies = parsed.iter().map(|(_, _, value)| value);
         for (i, (identity, connection, rid, _)) in patches.into_iter().enumerate() {
             if invalid.contains(&i) {
                 let message = "The reported properties are not valid JSON.";
                 self.twin_error(identity, connection, rid, 400, 400004, message);
                 continue;
             }
+            let patch = patch_bodies.next();
             match results.next() {
                 Some(Ok(version)) => {
                     let response = Outbound::TwinResponse {
@@ -332,6 +378,7 @@ impl Devices {
                         version: Some(version),
                         body: Vec::new(),
                     };
+                    self.reported_changed(&identity, patch, version);
                     self.push_twin(&identity);
                     self.send(identity, Some(connection), response);
                 }

@@ -21,5 +21,6 @@ pub mod policy;
 pub mod registry;
 pub mod routing;
 pub mod serve;
+pub mod system_events;
 pub mod tls;
 pub mod twin;

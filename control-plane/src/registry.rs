@@ -156,6 +156,14 @@ pub enum BulkOp {
     Delete(String, IfMatch),
 }
 
+/// What a bulk operation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkDone {
+    Created,
+    Updated,
+    Deleted,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("the device does not exist")]
@@ -286,18 +294,23 @@ impl Registry {
 
     /// Applies every operation in one transaction; each gets its own result, and the ones that
     /// succeed are committed together even when others fail (as Azure's bulk API does).
-    pub fn bulk(&self, ops: Vec<BulkOp>) -> Result<Vec<Result<(), RegistryError>>, RegistryError> {
+    pub fn bulk(
+        &self,
+        ops: Vec<BulkOp>,
+    ) -> Result<Vec<Result<BulkDone, RegistryError>>, RegistryError> {
         self.write(|t| {
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
+                let created = |_| BulkDone::Created;
+                let updated = |_| BulkDone::Updated;
                 let result = match op {
-                    BulkOp::Create(spec) => create_device(t, spec).map(drop),
+                    BulkOp::Create(spec) => create_device(t, spec).map(created),
                     BulkOp::Upsert(spec) => match exists(&t.0, &spec.device_id)? {
-                        true => update_device(t, spec, &IfMatch::Any).map(drop),
-                        false => create_device(t, spec).map(drop),
+                        true => update_device(t, spec, &IfMatch::Any).map(updated),
+                        false => create_device(t, spec).map(created),
                     },
-                    BulkOp::UpdateIfMatch(spec, m) => update_device(t, spec, &m).map(drop),
-                    BulkOp::Delete(id, m) => delete_device(t, &id, &m),
+                    BulkOp::UpdateIfMatch(spec, m) => update_device(t, spec, &m).map(updated),
+                    BulkOp::Delete(id, m) => delete_device(t, &id, &m).map(|()| BulkDone::Deleted),
                 };
                 // A storage error aborts the whole transaction; the others are per item.
                 if let Err(e @ (RegistryError::Storage(_) | RegistryError::Corrupt(_))) = result {

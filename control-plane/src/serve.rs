@@ -97,11 +97,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         crate::delivery::Context::new(data_dir, &config.hostname),
         &effective.routing.endpoints,
     )?);
+    let system_events = Arc::new(crate::system_events::SystemEvents::new(
+        engine.clone(),
+        routing.clone(),
+        config.hub_name(),
+    ));
     let devices = crate::devices::Devices::new(
         registry.clone(),
         engine.clone(),
         config.c2d_settings(),
         routing.clone(),
+        system_events.clone(),
     );
     let routing_manager = Arc::new(crate::routing::RoutingManager::new(
         config.clone(),
@@ -153,6 +159,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         devices: Some(devices),
         routing,
         routing_manager: Some(routing_manager),
+        system_events: Some(system_events),
     });
     api::serve(listener, https_tls, state, shutdown, DRAIN).await;
     tracing::info!("the HTTPS API has stopped; stopping the data plane");

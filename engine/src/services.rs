@@ -124,6 +124,21 @@ pub enum Outbound {
     },
 }
 
+/// A routable event the control plane produces about a device or module (Azure's twin-change,
+/// lifecycle and connection-state events): routed on the shard that owns the device's partition,
+/// by the routes of its source, and appended like telemetry to the endpoints they choose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemEvent {
+    pub device_id: String,
+    pub module_id: Option<String>,
+    /// By stored name (`store::format::property_name`): content type and encoding, message
+    /// source, connection device and module id, ...
+    pub system_properties: Vec<(String, String)>,
+    /// `hubName`, `deviceId`, `opType`, `iothub-message-schema`, ...
+    pub application_properties: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
 /// How a direct method call ended on the device side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MethodOutcome {

@@ -19,6 +19,8 @@ pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use serde_json::Value;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,6 +60,8 @@ pub struct AppState {
     pub routing: Arc<crate::routing::RoutingState>,
     /// Changes routes and endpoints at run time. `None` when no data plane runs.
     pub routing_manager: Option<Arc<crate::routing::RoutingManager>>,
+    /// Lifecycle and twin-change events. `None` when no data plane runs.
+    pub system_events: Option<Arc<crate::system_events::SystemEvents>>,
 }
 
 impl AppState {
@@ -65,6 +69,45 @@ impl AppState {
         if let Some(engine) = &self.engine {
             engine.certificate_authorities_changed();
         }
+    }
+
+    /// A lifecycle event for an identity just created, with its new twin.
+    pub fn identity_created(&self, device_id: &str, module_id: Option<&str>) {
+        if let Some(events) = &self.system_events {
+            events.lifecycle(
+                crate::system_events::Lifecycle::Created,
+                device_id,
+                module_id,
+                || self.twin_body(device_id, module_id),
+            );
+        }
+    }
+
+    /// The twin of an identity about to be deleted, when a route reads lifecycle events (the
+    /// deletion event carries it).
+    pub fn twin_before_delete(&self, device_id: &str, module_id: Option<&str>) -> Option<Value> {
+        let events = self.system_events.as_ref()?;
+        events
+            .wants_lifecycle()
+            .then(|| self.twin_body(device_id, module_id))
+            .flatten()
+    }
+
+    /// A lifecycle event for a deleted identity.
+    pub fn identity_deleted(&self, device_id: &str, module_id: Option<&str>, twin: Option<Value>) {
+        if let Some(events) = &self.system_events {
+            events.lifecycle(
+                crate::system_events::Lifecycle::Deleted,
+                device_id,
+                module_id,
+                || twin,
+            );
+        }
+    }
+
+    fn twin_body(&self, device_id: &str, module_id: Option<&str>) -> Option<Value> {
+        let twin = self.registry.twin(device_id, module_id).ok()?;
+        Some(crate::system_events::twin_body(device_id, module_id, &twin))
     }
 
     pub fn identity_changed(&self, device_id: &str, module_id: Option<&str>) {

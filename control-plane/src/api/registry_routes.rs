@@ -11,7 +11,7 @@ use ingot_engine::limits::{BULK_DEVICES_MAX, LIST_TOP_MAX};
 use super::wire::{self, DeviceIn, ImportDeviceIn, ModuleIn};
 use super::{empty_response, json_response, ApiError, ApiRequest, ApiResponse, AppState};
 use crate::policy::Permission;
-use crate::registry::{BulkOp, IfMatch, Registry, RegistryError};
+use crate::registry::{BulkDone, BulkOp, IfMatch, Registry, RegistryError};
 
 /// The permission an operation needs (azure-protocol.md 1.2): reads need RegistryRead, changes
 /// RegistryWrite. Unknown paths are refused before authorization.
@@ -139,7 +139,11 @@ async fn put_device(state: &AppState, id: &str, req: &ApiRequest) -> Result<ApiR
     let body: DeviceIn = wire::parse_json(&req.body)?;
     let spec = wire::device_spec(id, body)?;
     let device = match if_match(req) {
-        None => blocking(state, move |r| r.create_device(spec)).await?,
+        None => {
+            let device = blocking(state, move |r| r.create_device(spec)).await?;
+            state.identity_created(&device.device_id, None);
+            device
+        }
         Some(m) => {
             let device = blocking(state, move |r| r.update_device(spec, &m)).await?;
             state.identity_changed(&device.device_id, None);
@@ -158,8 +162,10 @@ async fn delete_device(
     wire::check_id("deviceId", id)?;
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let owned = id.to_owned();
+    let twin = state.twin_before_delete(id, None);
     blocking(state, move |r| r.delete_device(&owned, &m)).await?;
     state.identity_changed(id, None);
+    state.identity_deleted(id, None, twin);
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
@@ -253,7 +259,24 @@ async fn bulk(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiErro
             Err(e) => outcomes.push((id, mode, Some(e))),
         }
     }
-    let mut results = blocking(state, move |r| r.bulk(ops)).await?.into_iter();
+    // Deletions carry the twin as it was: read those first, when a route wants them.
+    let deleted_twins: Vec<Option<serde_json::Value>> = ops
+        .iter()
+        .map(|op| match op {
+            BulkOp::Delete(id, _) => state.twin_before_delete(id, None),
+            _ => None,
+        })
+        .collect();
+    let ids: Vec<String> = ops.iter().map(bulk_op_id).collect();
+    let done = blocking(state, move |r| r.bulk(ops)).await?;
+    for ((result, id), twin) in done.iter().zip(&ids).zip(deleted_twins) {
+        match result {
+            Ok(BulkDone::Created) => state.identity_created(id, None),
+            Ok(BulkDone::Deleted) => state.identity_deleted(id, None, twin),
+            _ => {}
+        }
+    }
+    let mut results = done.into_iter().map(|r| r.map(drop));
     for (id, _, invalid) in &outcomes {
         if invalid.is_none() {
             state.identity_changed(id, None);
@@ -285,6 +308,15 @@ async fn bulk(state: &AppState, req: &ApiRequest) -> Result<ApiResponse, ApiErro
         StatusCode::BAD_REQUEST
     };
     Ok(json_response(status, body.to_string()))
+}
+
+fn bulk_op_id(op: &BulkOp) -> String {
+    match op {
+        BulkOp::Create(spec) | BulkOp::Upsert(spec) | BulkOp::UpdateIfMatch(spec, _) => {
+            spec.device_id.clone()
+        }
+        BulkOp::Delete(id, _) => id.clone(),
+    }
 }
 
 fn bulk_op(item: ImportDeviceIn, mode: &str) -> Result<BulkOp, ApiError> {
@@ -371,7 +403,11 @@ async fn put_module(
     let body: ModuleIn = wire::parse_json(&req.body)?;
     let spec = wire::module_spec(id, mid, body)?;
     let module = match if_match(req) {
-        None => blocking(state, move |r| r.create_module(spec)).await?,
+        None => {
+            let module = blocking(state, move |r| r.create_module(spec)).await?;
+            state.identity_created(&module.device_id, Some(&module.module_id));
+            module
+        }
         Some(m) => {
             let module = blocking(state, move |r| r.update_module(spec, &m)).await?;
             state.identity_changed(&module.device_id, Some(&module.module_id));
@@ -392,7 +428,9 @@ async fn delete_module(
     wire::check_id("moduleId", mid)?;
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let (d, mo) = (id.to_owned(), mid.to_owned());
+    let twin = state.twin_before_delete(id, Some(mid));
     blocking(state, move |r| r.delete_module(&d, &mo, &m)).await?;
     state.identity_changed(id, Some(mid));
+    state.identity_deleted(id, Some(mid), twin);
     Ok(empty_response(StatusCode::NO_CONTENT))
 }

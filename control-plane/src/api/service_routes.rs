@@ -207,6 +207,7 @@ async fn update_twin(
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let replace = req.method == Method::PUT;
     let (d, mid) = (device_id.to_owned(), module_id.map(str::to_owned));
+    let patch = body.clone();
     let (twin, desired, (device, module), c2d) = blocking(state, move |r| {
         let (twin, desired) = r.update_twin(&d, mid.as_deref(), &m, |twin, now| {
             if replace {
@@ -219,6 +220,31 @@ async fn update_twin(
         Ok((twin, desired, records, c2d_count(r, &d, mid.as_deref())?))
     })
     .await?;
+    if let Some(events) = &state.system_events {
+        events.twin_changed(replace, device_id, module_id, || {
+            if replace {
+                return crate::system_events::twin_body(device_id, module_id, &twin);
+            }
+            // What the patch changed, with the new versions.
+            let mut change = serde_json::Map::new();
+            change.insert("version".into(), twin.version().into());
+            if let Some(tags) = patch.get("tags").filter(|t| t.is_object()) {
+                change.insert("tags".into(), tags.clone());
+            }
+            if let Some(mut desired) = patch
+                .get("properties")
+                .and_then(|p| p.get("desired"))
+                .filter(|d| d.is_object())
+                .cloned()
+            {
+                if let Some(object) = desired.as_object_mut() {
+                    object.insert("$version".into(), twin.desired_version().into());
+                }
+                change.insert("properties".into(), json!({ "desired": desired }));
+            }
+            Value::Object(change)
+        });
+    }
     if let Some(devices) = &state.devices {
         if let Some(desired) = desired {
             devices.push_desired(device_id, module_id, desired);

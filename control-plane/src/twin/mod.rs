@@ -354,6 +354,15 @@ impl TwinDoc {
         Value::Object(view)
     }
 
+    /// `{"desired": {..., "$metadata", "$version"}, "reported": {...}}`, as the REST twin's
+    /// `properties`.
+    pub fn properties_with_metadata(&self) -> Value {
+        let mut properties = Map::new();
+        properties.insert("desired".into(), self.desired.with_metadata());
+        properties.insert("reported".into(), self.reported.with_metadata());
+        Value::Object(properties)
+    }
+
     /// The twin as route conditions read it (`$twin.tags.*`, `$twin.properties.desired.*`,
     /// `$twin.properties.reported.*`): tags and both property sections with `$version`.
     pub fn routing_view(&self) -> Value {

@@ -108,6 +108,11 @@ enum ShardMsg {
         update: Box<routing::ShardUpdate>,
         done: async_channel::Sender<()>,
     },
+    /// A system event to route and append to the device's partition of its endpoints.
+    SystemEvent {
+        source: crate::route::RouteSource,
+        event: Box<crate::services::SystemEvent>,
+    },
     /// The registry changed this identity: re-check its live connection.
     IdentityChanged {
         device_id: String,
@@ -364,6 +369,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Hands a system event to the shard that owns its device, to be routed by the routes of
+    /// `source` and appended to the endpoints they choose. Never blocks: a full inbox is counted
+    /// and refused (the event is lost, as Azure's are not guaranteed either).
+    pub fn route_event(
+        &self,
+        source: crate::route::RouteSource,
+        event: crate::services::SystemEvent,
+    ) -> Result<(), DeliverError> {
+        let owner = self
+            .owner(&event.device_id)
+            .ok_or(DeliverError::NotRunning)?;
+        let msg = ShardMsg::SystemEvent {
+            source,
+            event: Box::new(event),
+        };
+        self.inboxes[owner].try_send(msg).map_err(|e| {
+            if e.is_full() {
+                self.stats
+                    .inbox_full
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                DeliverError::InboxFull
+            } else {
+                DeliverError::NotRunning
+            }
+        })
+    }
+
     /// Tells every shard that the registered CA certificates changed.
     pub fn certificate_authorities_changed(&self) {
         for inbox in &self.inboxes {
@@ -540,6 +572,16 @@ async fn run_shard(
             ShardMsg::Routing { update, done } => {
                 shard.routing.apply(*update);
                 let _ = done.try_send(());
+            }
+            ShardMsg::SystemEvent { source, event } => {
+                if let Err(e) = routing::route_event(&shard, source, &event) {
+                    shard
+                        .shared
+                        .stats
+                        .append_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!("failed to append a {source:?} event: {e}");
+                }
             }
             ShardMsg::Shutdown => break,
         }

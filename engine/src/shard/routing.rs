@@ -272,3 +272,62 @@ impl ShardRouting {
         }
     }
 }
+
+/// Routes one system event on the shard that owns its device: evaluates the routes of `source`
+/// and appends the event (enriched per endpoint) to the device's partition of every endpoint
+/// they chose, flushed as the fsync policy promises.
+pub(super) fn route_event(
+    shard: &super::Shard,
+    source: RouteSource,
+    event: &crate::services::SystemEvent,
+) -> Result<(), StoreError> {
+    let Some(table) = shard.routing.table() else {
+        return Ok(());
+    };
+    let properties: Vec<PropertyRef<'_>> = event
+        .system_properties
+        .iter()
+        .chain(&event.application_properties)
+        .map(|(name, value)| PropertyRef { name, value })
+        .collect();
+    let (system, application) = properties.split_at(event.system_properties.len());
+    let message = MessageRef {
+        system_properties: system,
+        application_properties: application,
+        body: &event.body,
+    };
+    let mut matched = EndpointSet::new();
+    {
+        let mut evaluator = shard.routing.evaluator.borrow_mut();
+        let view = RouteMessage {
+            message,
+            twin: None,
+        };
+        table.matches(source, &view, &mut evaluator, &mut matched);
+    }
+    if matched.is_empty() {
+        return Ok(());
+    }
+    let mut events = Vec::new();
+    let mut custom: CustomBatches<'_> = Vec::new();
+    for endpoint in matched.iter() {
+        if endpoint == 0 {
+            events.push(message);
+        } else {
+            custom.push((endpoint, vec![message]));
+        }
+    }
+    let values = table.enrichment_values(None);
+    let mut storage = Vec::new();
+    let ranges = enrichment_ranges(&table, &values, &events, &custom, &mut storage);
+    let (events, custom) = enriched(&storage, events, custom, ranges);
+    let partition = shard.partition_of(&event.device_id).0;
+    let now_ms = super::stats::now_ms();
+    shard.routing.append(&table, partition, &custom, now_ms)?;
+    if !events.is_empty() {
+        if let Some(log) = shard.partitions.borrow_mut().get_mut(&partition) {
+            log.append_batch(&events, now_ms)?;
+        }
+    }
+    Ok(())
+}
