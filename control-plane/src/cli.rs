@@ -900,25 +900,14 @@ fn route(command: RouteCommand) -> anyhow::Result<()> {
             if let Some(condition) = condition {
                 body["condition"] = json!(condition);
             }
-            print(
-                &connection
-                    .client()?
-                    .request(Method::PUT, &path(&name), &[], Some(&body))?
-                    .success()?,
-            )
+            routing_call(&connection, Method::PUT, &path(&name), Some(&body), false)
         }
-        RouteCommand::List { connection } => print(
-            &connection
-                .client()?
-                .request(Method::GET, "/routing/routes", &[], None)?
-                .success()?["value"],
-        ),
-        RouteCommand::Show { name, connection } => print(
-            &connection
-                .client()?
-                .request(Method::GET, &path(&name), &[], None)?
-                .success()?,
-        ),
+        RouteCommand::List { connection } => {
+            routing_call(&connection, Method::GET, "/routing/routes", None, true)
+        }
+        RouteCommand::Show { name, connection } => {
+            routing_call(&connection, Method::GET, &path(&name), None, false)
+        }
         RouteCommand::Remove { name, connection } => {
             connection
                 .client()?
@@ -928,11 +917,12 @@ fn route(command: RouteCommand) -> anyhow::Result<()> {
         }
         RouteCommand::Fallback { state, connection } => {
             let body = json!({ "isEnabled": matches!(state, FallbackArg::On) });
-            print(
-                &connection
-                    .client()?
-                    .request(Method::PUT, "/routing/fallbackRoute", &[], Some(&body))?
-                    .success()?,
+            routing_call(
+                &connection,
+                Method::PUT,
+                "/routing/fallbackRoute",
+                Some(&body),
+                false,
             )
         }
         RouteCommand::Test {
@@ -953,19 +943,11 @@ fn enrichment(command: EnrichmentCommand) -> anyhow::Result<()> {
             connection,
         } => {
             let body = json!({ "value": value, "endpointNames": endpoints });
-            print(
-                &connection
-                    .client()?
-                    .request(Method::PUT, &path(&key), &[], Some(&body))?
-                    .success()?,
-            )
+            routing_call(&connection, Method::PUT, &path(&key), Some(&body), false)
         }
-        EnrichmentCommand::List { connection } => print(
-            &connection
-                .client()?
-                .request(Method::GET, "/routing/enrichments", &[], None)?
-                .success()?["value"],
-        ),
+        EnrichmentCommand::List { connection } => {
+            routing_call(&connection, Method::GET, "/routing/enrichments", None, true)
+        }
         EnrichmentCommand::Remove { key, connection } => {
             connection
                 .client()?
@@ -1013,25 +995,14 @@ fn endpoint(command: EndpointCommand) -> anyhow::Result<()> {
                     .unwrap_or_else(|| json!(value));
                 body[field] = value;
             }
-            print(
-                &connection
-                    .client()?
-                    .request(Method::PUT, &path(&name), &[], Some(&body))?
-                    .success()?,
-            )
+            routing_call(&connection, Method::PUT, &path(&name), Some(&body), false)
         }
-        EndpointCommand::List { connection } => print(
-            &connection
-                .client()?
-                .request(Method::GET, "/routing/endpoints", &[], None)?
-                .success()?["value"],
-        ),
-        EndpointCommand::Show { name, connection } => print(
-            &connection
-                .client()?
-                .request(Method::GET, &path(&name), &[], None)?
-                .success()?,
-        ),
+        EndpointCommand::List { connection } => {
+            routing_call(&connection, Method::GET, "/routing/endpoints", None, true)
+        }
+        EndpointCommand::Show { name, connection } => {
+            routing_call(&connection, Method::GET, &path(&name), None, false)
+        }
         EndpointCommand::Remove { name, connection } => {
             connection
                 .client()?
@@ -1040,6 +1011,21 @@ fn endpoint(command: EndpointCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// One call of the routing API, its answer printed (`list`: the items of a `{"value": [...]}`).
+fn routing_call(
+    connection: &Connection,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    list: bool,
+) -> anyhow::Result<()> {
+    let reply = connection
+        .client()?
+        .request(method, path, &[], body)?
+        .success()?;
+    print(if list { &reply["value"] } else { &reply })
 }
 
 /// The device SDK's connection string. Its HostName has no port: the device SDK always dials

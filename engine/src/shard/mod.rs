@@ -312,16 +312,7 @@ impl Engine {
             connection,
             message,
         };
-        self.inboxes[owner].try_send(msg).map_err(|e| {
-            if e.is_full() {
-                self.stats
-                    .inbox_full
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                DeliverError::InboxFull
-            } else {
-                DeliverError::NotRunning
-            }
-        })
+        self.try_send(owner, msg)
     }
 
     /// Calls a direct method on the identity's live connection and waits for the device's answer.
@@ -384,6 +375,11 @@ impl Engine {
             source,
             event: Box::new(event),
         };
+        self.try_send(owner, msg)
+    }
+
+    /// Puts `msg` in shard `owner`'s inbox without waiting; a full inbox is counted.
+    fn try_send(&self, owner: usize, msg: ShardMsg) -> Result<(), DeliverError> {
         self.inboxes[owner].try_send(msg).map_err(|e| {
             if e.is_full() {
                 self.stats
