@@ -81,6 +81,31 @@ fn bench(c: &mut Criterion) {
         b.iter(|| evaluator.evaluate(black_box(&property), black_box(&message)))
     });
 
+    // The same condition as a route: ingest evaluates it in the simple shape (each property
+    // looked up once per message, no stack machine).
+    let one_route = RouteTable::compile(
+        &[RouteSpec {
+            name: "hot".to_owned(),
+            source: RouteSource::DeviceMessages,
+            condition: Some("processingPath = 'hot' AND $connectionDeviceId = 'dev-1'".to_owned()),
+            endpoint_names: vec!["hot".to_owned()],
+            is_enabled: true,
+        }],
+        FallbackRoute { enabled: true },
+    )
+    .expect("compiles");
+    let mut one_out = EndpointSet::new();
+    group.bench_function("property_condition_route", |b| {
+        b.iter(|| {
+            one_route.matches(
+                RouteSource::DeviceMessages,
+                black_box(&message),
+                &mut evaluator,
+                &mut one_out,
+            )
+        })
+    });
+
     let body_condition = Condition::compile("$body.Weather.Temperature > 50").expect("compiles");
     group.bench_function("body_condition_1k", |b| {
         b.iter(|| evaluator.evaluate(black_box(&body_condition), black_box(&message)))

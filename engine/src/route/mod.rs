@@ -14,6 +14,7 @@ mod enrich;
 mod eval;
 mod message;
 pub mod parse;
+mod simple;
 
 #[cfg(test)]
 mod tests;
@@ -136,7 +137,18 @@ struct CompiledRoute {
     source: RouteSource,
     /// `None`: no condition, always matches.
     condition: Option<Condition>,
+    /// The condition in the simple shape, evaluated without the program.
+    simple: Option<simple::Simple>,
     endpoint: usize,
+}
+
+fn source_index(source: RouteSource) -> usize {
+    match source {
+        RouteSource::DeviceMessages => 0,
+        RouteSource::TwinChangeEvents => 1,
+        RouteSource::DeviceLifecycleEvents => 2,
+        RouteSource::DeviceConnectionStateEvents => 3,
+    }
 }
 
 /// What routing one message found, besides the endpoints.
@@ -163,6 +175,10 @@ pub struct RouteTable {
     /// No routes were configured at all: every device message goes to `events`.
     empty: bool,
     enrichments: Vec<enrich::Enrichment>,
+    /// The properties simple conditions read, by slot.
+    properties: Vec<simple::Property>,
+    /// By source: whether a route of it needs the program (and so an evaluator session).
+    programs: [bool; 4],
 }
 
 fn valid_route_name(name: &str) -> bool {
@@ -187,6 +203,8 @@ impl RouteTable {
         }
         let mut endpoints = vec![EVENTS_ENDPOINT.to_owned()];
         let mut compiled = Vec::with_capacity(routes.len());
+        let mut properties = Vec::new();
+        let mut programs = [false; 4];
         for (i, route) in routes.iter().enumerate() {
             if !valid_route_name(&route.name) {
                 return Err(RouteError::InvalidName {
@@ -220,6 +238,12 @@ impl RouteTable {
                     )
                 }
             };
+            let simple = match (&route.condition, route.is_enabled) {
+                (Some(text), true) => parse::parse(text)
+                    .ok()
+                    .and_then(|expr| simple::Simple::from_expr(&expr, &mut properties)),
+                _ => None,
+            };
             let endpoint = match endpoints.iter().position(|e| e == endpoint_name) {
                 Some(index) => index,
                 None => {
@@ -228,9 +252,13 @@ impl RouteTable {
                 }
             };
             if route.is_enabled {
+                if condition.is_some() && simple.is_none() {
+                    programs[source_index(route.source)] = true;
+                }
                 compiled.push(CompiledRoute {
                     source: route.source,
                     condition,
+                    simple,
                     endpoint,
                 });
             }
@@ -241,6 +269,8 @@ impl RouteTable {
             fallback: fallback.enabled,
             empty: routes.is_empty(),
             enrichments: Vec::new(),
+            properties,
+            programs,
         })
     }
 
@@ -319,15 +349,21 @@ impl RouteTable {
     ) -> RouteReport {
         out.clear();
         let mut report = RouteReport::default();
-        let mut session = evaluator.session(message);
+        // Properties of simple conditions are looked up once per message; the program's
+        // session (and its buffers) only when a route of this source needs it.
+        let mut memo = simple::Memo::new();
+        let mut session = self.programs[source_index(source)].then(|| evaluator.session(message));
         for route in self.routes.iter().filter(|r| r.source == source) {
             // A route whose endpoint is already chosen cannot add anything: skip its condition.
             if out.contains(route.endpoint) {
                 continue;
             }
-            let outcome = match &route.condition {
-                None => Outcome::Match,
-                Some(condition) => session.evaluate(condition),
+            let outcome = match (&route.simple, &route.condition, &mut session) {
+                (Some(simple), _, _) => simple.evaluate(&self.properties, message, &mut memo),
+                (None, None, _) => Outcome::Match,
+                (None, Some(condition), Some(session)) => session.evaluate(condition),
+                // Not reached: `programs` says a session is needed for this source.
+                (None, Some(_), None) => Outcome::Undefined,
             };
             match outcome {
                 Outcome::Match => {

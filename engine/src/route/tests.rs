@@ -1323,3 +1323,95 @@ fn endpoint_set() {
     set.clear();
     assert!(set.is_empty());
 }
+
+/// A random condition of the simple shape: property comparisons with string constants, alone
+/// or in an AND or OR chain (sometimes parenthesized, constants on either side).
+fn random_simple(rng: &mut StdRng) -> String {
+    let terms = rng.gen_range(1..5);
+    let op = if rng.gen_bool(0.5) { "AND" } else { "or" };
+    let term = |rng: &mut StdRng| {
+        let name = if rng.gen_bool(0.5) {
+            pick(rng, APP_NAMES)
+        } else {
+            pick(rng, &SYSTEM[..5])
+        };
+        let property = random_case(rng, name);
+        let constant = format!("'{}'", pick(rng, &[APP_VALUES, STRINGS].concat()));
+        let cmp = ["=", "!=", "<>"][rng.gen_range(0..3)];
+        if rng.gen_bool(0.2) {
+            format!("{constant} {cmp} {property}")
+        } else {
+            format!("{property} {cmp} {constant}")
+        }
+    };
+    let parts: Vec<String> = (0..terms).map(|_| term(rng)).collect();
+    let joined = parts.join(&format!(" {op} "));
+    if rng.gen_bool(0.2) {
+        format!("({joined})")
+    } else {
+        joined
+    }
+}
+
+/// Routes in the simple shape are evaluated without the program, with each property looked up
+/// once per message: the table's outcome must be the program's, with other routes in the table
+/// reading the same properties.
+#[test]
+fn simple_conditions_match_the_program() {
+    let mut rng = StdRng::seed_from_u64(0x5150);
+    let mut evaluator = Evaluator::new();
+    let mut matched = 0;
+    for _ in 0..2000 {
+        let message = random_message(&mut rng);
+        let texts: Vec<String> = (0..4).map(|_| random_simple(&mut rng)).collect();
+        for (i, text) in texts.iter().enumerate() {
+            let condition = Condition::compile(text).expect("compiles");
+            let want = evaluator.evaluate(&condition, &message);
+            // The route under test comes last, after routes that read the same properties.
+            let mut specs: Vec<RouteSpec> = texts
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, t)| RouteSpec {
+                    name: format!("other-{j}"),
+                    source: RouteSource::DeviceMessages,
+                    condition: Some(t.clone()),
+                    endpoint_names: vec![format!("o{j}")],
+                    is_enabled: true,
+                })
+                .collect();
+            specs.push(RouteSpec {
+                name: "tested".to_owned(),
+                source: RouteSource::DeviceMessages,
+                condition: Some(text.clone()),
+                endpoint_names: vec!["tested".to_owned()],
+                is_enabled: true,
+            });
+            let table = RouteTable::compile(&specs, FallbackRoute { enabled: false }).unwrap();
+            assert!(
+                table.routes.iter().all(|r| r.simple.is_some()),
+                "{text} is simple"
+            );
+            let mut out = EndpointSet::new();
+            table.matches(
+                RouteSource::DeviceMessages,
+                &message,
+                &mut evaluator,
+                &mut out,
+            );
+            let tested = table
+                .endpoint_names()
+                .iter()
+                .position(|e| e == "tested")
+                .unwrap();
+            let got = out.contains(tested);
+            assert_eq!(
+                got,
+                want == Outcome::Match,
+                "condition: {text}\nmessage: {message:?}"
+            );
+            matched += usize::from(got);
+        }
+    }
+    assert!(matched > 1000, "only {matched} matches");
+}
