@@ -175,8 +175,8 @@ pub struct RouteTable {
     /// No routes were configured at all: every device message goes to `events`.
     empty: bool,
     enrichments: Vec<enrich::Enrichment>,
-    /// The properties simple conditions read, by slot.
-    properties: Vec<simple::Property>,
+    /// The properties simple conditions read, by slot, with their constants.
+    slots: simple::Slots,
     /// By source: whether a route of it needs the program (and so an evaluator session).
     programs: [bool; 4],
 }
@@ -203,7 +203,7 @@ impl RouteTable {
         }
         let mut endpoints = vec![EVENTS_ENDPOINT.to_owned()];
         let mut compiled = Vec::with_capacity(routes.len());
-        let mut properties = Vec::new();
+        let mut slots = simple::Slots::default();
         let mut programs = [false; 4];
         for (i, route) in routes.iter().enumerate() {
             if !valid_route_name(&route.name) {
@@ -241,7 +241,7 @@ impl RouteTable {
             let simple = match (&route.condition, route.is_enabled) {
                 (Some(text), true) => parse::parse(text)
                     .ok()
-                    .and_then(|expr| simple::Simple::from_expr(&expr, &mut properties)),
+                    .and_then(|expr| simple::Simple::from_expr(&expr, &mut slots)),
                 _ => None,
             };
             let endpoint = match endpoints.iter().position(|e| e == endpoint_name) {
@@ -269,7 +269,7 @@ impl RouteTable {
             fallback: fallback.enabled,
             empty: routes.is_empty(),
             enrichments: Vec::new(),
-            properties,
+            slots,
             programs,
         })
     }
@@ -359,7 +359,7 @@ impl RouteTable {
                 continue;
             }
             let outcome = match (&route.simple, &route.condition, &mut session) {
-                (Some(simple), _, _) => simple.evaluate(&self.properties, message, &mut memo),
+                (Some(simple), _, _) => simple.evaluate(&self.slots, message, &mut memo),
                 (None, None, _) => Outcome::Match,
                 (None, Some(condition), Some(session)) => session.evaluate(condition),
                 // Not reached: `programs` says a session is needed for this source.
