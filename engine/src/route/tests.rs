@@ -1415,3 +1415,62 @@ fn simple_conditions_match_the_program() {
     }
     assert!(matched > 1000, "only {matched} matches");
 }
+
+/// With more constants per property than are compared directly, a message's value is found by
+/// hash: every constant, a value that is none of them, a prefix of one, and an absent property
+/// give the program's result.
+#[test]
+fn simple_conditions_with_many_constants_match_the_program() {
+    let mut evaluator = Evaluator::new();
+    let texts: Vec<String> = (0..20)
+        .map(|i| format!("level = 'critical-{i}' AND $connectionDeviceId != 'dev-{i}'"))
+        .collect();
+    let specs: Vec<RouteSpec> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| RouteSpec {
+            name: format!("r{i}"),
+            source: RouteSource::DeviceMessages,
+            condition: Some(t.clone()),
+            endpoint_names: vec![format!("e{i}")],
+            is_enabled: true,
+        })
+        .collect();
+    let table = RouteTable::compile(&specs, FallbackRoute { enabled: false }).unwrap();
+    assert!(table.routes.iter().all(|r| r.simple.is_some()));
+    let mut levels: Vec<Option<String>> = (0..20).map(|i| Some(format!("critical-{i}"))).collect();
+    levels.extend([
+        Some("critical-".to_owned()),
+        Some("critical-200".to_owned()),
+        Some(String::new()),
+        None,
+    ]);
+    for level in &levels {
+        for device in ["dev-3", "dev-17", "other"] {
+            let mut message = TestMessage::default().sys("iothub-connection-device-id", device);
+            if let Some(level) = level {
+                message = message.app("Level", level);
+            }
+            let mut out = EndpointSet::new();
+            table.matches(
+                RouteSource::DeviceMessages,
+                &message,
+                &mut evaluator,
+                &mut out,
+            );
+            for (i, text) in texts.iter().enumerate() {
+                let want = evaluator.evaluate(&Condition::compile(text).unwrap(), &message);
+                let index = table
+                    .endpoint_names()
+                    .iter()
+                    .position(|e| *e == format!("e{i}"))
+                    .unwrap();
+                assert_eq!(
+                    out.contains(index),
+                    want == Outcome::Match,
+                    "{text} with level {level:?}, device {device}"
+                );
+            }
+        }
+    }
+}
