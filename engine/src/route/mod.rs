@@ -227,22 +227,20 @@ impl RouteTable {
                     route: route.name.clone(),
                 });
             }
-            let condition = match &route.condition {
-                None => None,
+            // Parsed once: compiled to the program, and to the simple shape when it has it.
+            let (condition, simple) = match &route.condition {
+                None => (None, None),
                 Some(text) => {
-                    Some(
-                        Condition::compile(text).map_err(|error| RouteError::Condition {
-                            route: route.name.clone(),
-                            error,
-                        })?,
-                    )
+                    let expr = parse::parse(text).map_err(|error| RouteError::Condition {
+                        route: route.name.clone(),
+                        error,
+                    })?;
+                    let simple = route
+                        .is_enabled
+                        .then(|| simple::Simple::from_expr(&expr, &mut slots))
+                        .flatten();
+                    (Some(Condition::from_expr(&expr, text)), simple)
                 }
-            };
-            let simple = match (&route.condition, route.is_enabled) {
-                (Some(text), true) => parse::parse(text)
-                    .ok()
-                    .and_then(|expr| simple::Simple::from_expr(&expr, &mut slots)),
-                _ => None,
             };
             let endpoint = match endpoints.iter().position(|e| e == endpoint_name) {
                 Some(index) => index,
