@@ -82,19 +82,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let runtime_routing = crate::routing::RuntimeRouting::load(data_dir)?;
     let mut effective = config.clone();
     effective.routing = runtime_routing.merged(&config.routing);
+    let table = effective.routing.table(&config.hub_name())?;
     let engine = Arc::new(start_engine(
         &effective,
+        table.clone(),
         &tls_files,
         registry.clone(),
         policies.clone(),
         services,
     )?);
-    let routing = Arc::new(crate::routing::RoutingState::new(
-        effective.routing.table(&config.hub_name())?,
-    ));
+    let routing = Arc::new(crate::routing::RoutingState::new(table));
     // Delivery to `files` and `webhook` endpoints: reads their logs, never slows ingest.
     let delivery = Arc::new(crate::delivery::Workers::start(
-        crate::delivery::Context::new(data_dir, &config.hostname),
+        crate::delivery::Context::new(data_dir, &config.hub_name()),
         &effective.routing.endpoints,
     )?);
     let system_events = Arc::new(crate::system_events::SystemEvents::new(
@@ -185,6 +185,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// Opens the segment store and starts the shards with the MQTT listeners.
 fn start_engine(
     config: &Config,
+    table: Option<ingot_engine::route::RouteTable>,
     tls_files: &tls::TlsFiles,
     registry: Arc<Registry>,
     policies: Policies,
@@ -202,7 +203,7 @@ fn start_engine(
         added.push((endpoint.name.clone(), logs));
     }
     services.routing = ingot_engine::shard::RoutingUpdate {
-        table: config.routing.table(&config.hub_name())?,
+        table,
         added,
         removed: Vec::new(),
     };

@@ -46,10 +46,11 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(data_dir: &Path, hostname: &str) -> Context {
+    /// `hub_name`: `Config::hub_name`.
+    pub fn new(data_dir: &Path, hub_name: &str) -> Context {
         Context {
             data_dir: data_dir.to_path_buf(),
-            hub_name: hostname.split('.').next().unwrap_or(hostname).to_owned(),
+            hub_name: hub_name.to_owned(),
         }
     }
 
@@ -449,7 +450,7 @@ mod tests {
     async fn files_resume_at_the_checkpoint_after_a_restart() {
         let data = tempfile::tempdir().unwrap();
         let out = tempfile::tempdir().unwrap();
-        let ctx = Context::new(data.path(), "myhub.example.com");
+        let ctx = Context::new(data.path(), "myhub");
         let mut config = StoreConfig::new(2);
         config.segment_bytes_max = 1 << 20;
         let mut store = Store::open(&ctx.endpoint_dir("arch"), config).unwrap();
