@@ -207,8 +207,8 @@ async fn update_twin(
     let m = if_match(req).unwrap_or(IfMatch::Any);
     let replace = req.method == Method::PUT;
     let (d, mid) = (device_id.to_owned(), module_id.map(str::to_owned));
-    let patch = body.clone();
-    let (twin, desired, (device, module), c2d) = blocking(state, move |r| {
+    // The body comes back for the twin-change event, which reports what the patch changed.
+    let (twin, desired, (device, module), c2d, patch) = blocking(state, move |r| {
         let (twin, desired) = r.update_twin(&d, mid.as_deref(), &m, |twin, now| {
             if replace {
                 twin.replace_service(&body, now)
@@ -217,7 +217,8 @@ async fn update_twin(
             }
         })?;
         let records = identity_records(r, &d, mid.as_deref())?;
-        Ok((twin, desired, records, c2d_count(r, &d, mid.as_deref())?))
+        let c2d = c2d_count(r, &d, mid.as_deref())?;
+        Ok((twin, desired, records, c2d, body))
     })
     .await?;
     if let Some(events) = &state.system_events {
